@@ -1,0 +1,221 @@
+//! The `mutate` command: run the core on an object or an AdmissionReview read from a file,
+//! without a cluster.
+//!
+//! Pure: bytes in, bytes and warnings out. `main` reads the file or stdin and prints.
+
+use serde_json::{Value, json};
+
+use crate::{
+    admission::{self, ReviewError},
+    mutate::{Outcome, Verdict},
+    policy::Policy,
+};
+
+/// What `mutate` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Output {
+    /// The patched object, in the input's format (YAML or JSON).
+    #[default]
+    Object,
+    /// The RFC 6902 patch, as JSON.
+    Patch,
+    /// The AdmissionReview the server would answer with, as JSON.
+    Review,
+}
+
+/// Why an input could not be mutated.
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    #[error("input is empty")]
+    Empty,
+    #[error("input is not valid JSON: {0}")]
+    Json(String),
+    #[error("input is not valid YAML: {0}")]
+    Yaml(String),
+    #[error(
+        "input is a {found}; expected a Service (v1), a Deployment (apps/v1) or an AdmissionReview"
+    )]
+    NotAnObject { found: String },
+    #[error("input is an AdmissionReview but cannot be read: {0}")]
+    Review(#[from] ReviewError),
+    #[error("the patch does not apply to the object; this is a bug: {0}")]
+    Apply(String),
+    #[error("cannot write output: {0}")]
+    Write(String),
+}
+
+/// The result of one offline run.
+#[derive(Debug)]
+pub struct Mutated {
+    /// What to print on stdout.
+    pub stdout: String,
+    /// What the core decided, with warnings for stderr.
+    pub outcome: Outcome,
+}
+
+/// Runs the core on `input`: a Service, a Deployment, or an `AdmissionReview`, in YAML or JSON.
+///
+/// # Errors
+/// When the input is empty, does not parse, or is none of the accepted kinds.
+pub fn run(policy: &Policy, input: &[u8], output: Output) -> Result<Mutated, OfflineError> {
+    let first = input.iter().find(|b| !b.is_ascii_whitespace());
+    let yaml = match first {
+        None => return Err(OfflineError::Empty),
+        Some(b'{') => false,
+        Some(_) => true,
+    };
+    let doc: Value = if yaml {
+        serde_saphyr::from_slice(input).map_err(|e| OfflineError::Yaml(one_line(&e.to_string())))?
+    } else {
+        serde_json::from_slice(input).map_err(|e| OfflineError::Json(e.to_string()))?
+    };
+
+    let (uid, request) = if doc.get("kind").and_then(Value::as_str) == Some(admission::KIND) {
+        let bytes = serde_json::to_vec(&doc).map_err(|e| OfflineError::Json(e.to_string()))?;
+        let request = admission::parse(&bytes)?;
+        (request.uid.clone(), request)
+    } else {
+        let request = synthesize(&doc)?;
+        (request.uid.clone(), request)
+    };
+
+    let outcome = admission::decide(policy, &request);
+    let stdout = match output {
+        Output::Patch => pretty(&outcome.ops)?,
+        Output::Review => {
+            let bytes = admission::response(&uid, &outcome);
+            let v: Value =
+                serde_json::from_slice(&bytes).map_err(|e| OfflineError::Write(e.to_string()))?;
+            pretty(&v)?
+        }
+        Output::Object => {
+            let mut object = request.object.unwrap_or(Value::Null);
+            json_patch::patch(&mut object, &outcome.ops)
+                .map_err(|e| OfflineError::Apply(e.to_string()))?;
+            if yaml {
+                serde_saphyr::to_string(&object).map_err(|e| OfflineError::Write(e.to_string()))?
+            } else {
+                pretty(&object)?
+            }
+        }
+    };
+    Ok(Mutated { stdout, outcome })
+}
+
+/// Wraps a bare object into the CREATE request the apiserver would send for it.
+fn synthesize(object: &Value) -> Result<admission::Request, OfflineError> {
+    let api_version = object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let kind = object.get("kind").and_then(Value::as_str).unwrap_or("");
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    if crate::mutate::ObjectKind::from_gvk(group, version, kind).is_none() {
+        let found = if kind.is_empty() {
+            "document without apiVersion/kind".to_owned()
+        } else {
+            format!("{kind} ({api_version})")
+        };
+        return Err(OfflineError::NotAnObject { found });
+    }
+    let review = json!({
+        "apiVersion": admission::API_VERSION,
+        "kind": admission::KIND,
+        "request": {
+            "uid": "00000000-0000-0000-0000-000000000000",
+            "kind": {"group": group, "version": version, "kind": kind},
+            "operation": "CREATE",
+            "name": object.pointer("/metadata/name").cloned().unwrap_or(Value::Null),
+            "namespace": object.pointer("/metadata/namespace").cloned().unwrap_or(Value::Null),
+            "object": object,
+        }
+    });
+    let bytes = serde_json::to_vec(&review).map_err(|e| OfflineError::Json(e.to_string()))?;
+    Ok(admission::parse(&bytes)?)
+}
+
+fn pretty<T: serde::Serialize>(v: &T) -> Result<String, OfflineError> {
+    let mut s = serde_json::to_string_pretty(v).map_err(|e| OfflineError::Write(e.to_string()))?;
+    s.push('\n');
+    Ok(s)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A one-line note for stderr when nothing was changed, so an empty diff is not a mystery.
+#[must_use]
+pub fn note(outcome: &Outcome) -> Option<&'static str> {
+    match outcome.verdict {
+        Verdict::Skipped => Some(
+            "note: not an outpost object (needs app.kubernetes.io/managed-by: goauthentik.io); left unchanged",
+        ),
+        Verdict::Unchanged => Some("note: already right; no changes"),
+        Verdict::Patched | Verdict::Unfixable => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVICE_YAML: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: ak-outpost-x
+  labels:
+    app.kubernetes.io/managed-by: goauthentik.io
+    goauthentik.io/outpost-name: x
+    goauthentik.io/outpost-type: ldap
+    goauthentik.io/outpost-uuid: 6f2d8a41c3b94e7d8b5a0c9e1f3d7b26
+spec:
+  selector:
+    app.kubernetes.io/name: authentik
+";
+
+    #[test]
+    fn yaml_in_yaml_out_with_the_selector_fixed() {
+        let p = Policy::builtin().unwrap();
+        let out = run(&p, SERVICE_YAML.as_bytes(), Output::Object).unwrap();
+        let v: Value = serde_saphyr::from_str(&out.stdout).unwrap();
+        assert_eq!(
+            v["spec"]["selector"]["app.kubernetes.io/name"],
+            "authentik-outpost-ldap"
+        );
+        assert_eq!(v["spec"]["selector"].as_object().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn patch_and_review_outputs_are_json() {
+        let p = Policy::builtin().unwrap();
+        let patch = run(&p, SERVICE_YAML.as_bytes(), Output::Patch).unwrap();
+        let ops: Value = serde_json::from_str(&patch.stdout).unwrap();
+        assert_eq!(ops[0]["op"], "replace");
+        assert_eq!(ops[0]["path"], "/spec/selector");
+        let review = run(&p, SERVICE_YAML.as_bytes(), Output::Review).unwrap();
+        let r: Value = serde_json::from_str(&review.stdout).unwrap();
+        assert_eq!(r["response"]["patchType"], "JSONPatch");
+    }
+
+    #[test]
+    fn bad_inputs_name_the_problem() {
+        let p = Policy::builtin().unwrap();
+        let e = |input: &str| {
+            run(&p, input.as_bytes(), Output::Object)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(e("  \n"), "input is empty");
+        assert!(e("{\"a\":").starts_with("input is not valid JSON"));
+        assert!(e("a: [").starts_with("input is not valid YAML"));
+        assert_eq!(
+            e("apiVersion: v1\nkind: ConfigMap\n"),
+            "input is a ConfigMap (v1); expected a Service (v1), a Deployment (apps/v1) or an AdmissionReview"
+        );
+        assert!(
+            e("{\"kind\":\"AdmissionReview\",\"apiVersion\":\"admission.k8s.io/v1beta1\"}")
+                .contains("v1beta1")
+        );
+    }
+}

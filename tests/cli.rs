@@ -1,0 +1,143 @@
+//! The binary as a user runs it: the shipped examples, policy checks, and bad input.
+
+// A failing test should panic with the value that failed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::{
+    io::Write as _,
+    process::{Command, Output, Stdio},
+};
+
+use serde_json::Value;
+
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost-webhook"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn readme_main_command_fixes_the_shipped_service_example() {
+    let out = run(
+        &["mutate", "-f", "examples/embedded-outpost-service.yaml"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_saphyr::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["spec"]["selector"]["app.kubernetes.io/name"],
+        "authentik-outpost-proxy"
+    );
+}
+
+#[test]
+fn deployment_example_gets_the_example_policy() {
+    let out = run(
+        &[
+            "mutate",
+            "--policy",
+            "deploy/policy.example.yaml",
+            "-f",
+            "examples/embedded-outpost-deployment.yaml",
+            "-o",
+            "patch",
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ops: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
+    for want in [
+        "/spec/replicas",
+        "/spec/strategy",
+        "/spec/template/spec/volumes",
+        "/spec/template/spec/containers/0/volumeMounts",
+        "/spec/template/spec/containers/0/readinessProbe",
+    ] {
+        assert!(paths.contains(&want), "{want} missing from {paths:?}");
+    }
+}
+
+#[test]
+fn review_from_stdin_answers_with_the_review_response() {
+    let body = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/admissionreview-embedded-service.json"),
+    )
+    .unwrap();
+    let out = run(&["mutate", "-o", "review"], &body);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["response"]["allowed"], true);
+    assert_eq!(v["response"]["patchType"], "JSONPatch");
+}
+
+#[test]
+fn warnings_go_to_stderr() {
+    let input = br#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"s","labels":{"app.kubernetes.io/managed-by":"goauthentik.io"}},"spec":{}}"#;
+    let out = run(&["mutate"], input);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stderr).contains("warning: outpost-webhook: Service/s: labels lack"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_input_exits_non_zero_naming_the_problem() {
+    let out = run(&["mutate"], b"{not json");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).starts_with("error: input is not valid JSON"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["mutate", "-f", "/nonexistent/x.yaml"], b"");
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("cannot read /nonexistent/x.yaml"));
+}
+
+#[test]
+fn policy_check_accepts_the_example_and_names_file_line_and_field_of_a_bad_one() {
+    let out = run(&["policy", "check", "deploy/policy.example.yaml"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "deploy/policy.example.yaml: ok, 2 rule(s)\n"
+    );
+
+    let dir = std::env::temp_dir().join(format!("ow-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "rules:\n  - deployment:\n      replicas: -2\n").unwrap();
+    let out = run(&["policy", "check", bad.to_str().unwrap()], b"");
+    assert!(!out.status.success());
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: {}:3: rules[0].deployment.replicas: must be between 0 and 2147483647\n",
+            bad.display()
+        )
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn policy_default_prints_a_policy_that_checks() {
+    let out = run(&["policy", "default"], b"");
+    assert!(out.status.success());
+    let p = outpost_webhook::policy::Policy::from_yaml("stdout", &text(&out.stdout)).unwrap();
+    assert_eq!(p.rule_count(), 1);
+}

@@ -1,0 +1,239 @@
+//! Golden cases: `tests/golden/<case>/review.json` in; `patch.json`, `patched.json` and
+//! `warnings.json` are what the webhook must answer. A case may carry `policy.yaml` (often a
+//! link to a shipped policy); otherwise the built-in policy applies.
+//!
+//! Regenerate the expected files with `UPDATE_GOLDEN=1 cargo test --test golden`, then review the
+//! diff. CI never regenerates: a missing or different file fails.
+//!
+//! Every case is also checked against the laws of DESIGN §3: the patch applies, the result reads
+//! as the typed Kubernetes object, mutating the result yields no operations, and the answer is
+//! byte-for-byte deterministic.
+
+// A failing test should panic with the value that failed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use base64::Engine as _;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
+use outpost_webhook::{admission, policy::Policy};
+use serde_json::{Value, json};
+
+fn cases() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut dirs: Vec<PathBuf> = fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("review.json").is_file())
+        .collect();
+    dirs.sort();
+    assert!(
+        dirs.len() >= 20,
+        "expected the golden cases under {}",
+        root.display()
+    );
+    dirs
+}
+
+fn policy_for(case: &Path) -> Policy {
+    let p = case.join("policy.yaml");
+    if p.exists() {
+        Policy::load(&p).unwrap()
+    } else {
+        Policy::builtin().unwrap()
+    }
+}
+
+/// What the apiserver does with the answer: decode the base64 patch and apply it to the object.
+struct Answered {
+    patch: Value,
+    patched: Value,
+    warnings: Value,
+    bytes: Vec<u8>,
+}
+
+fn answer(policy: &Policy, review: &Value) -> Answered {
+    let body = serde_json::to_vec(review).unwrap();
+    let (_, _, bytes) = admission::review(policy, &body).unwrap();
+    let out: Value = serde_json::from_slice(&bytes).unwrap();
+    let response = &out["response"];
+    assert_eq!(response["uid"], review["request"]["uid"]);
+    assert_eq!(response["allowed"], true);
+    let patch = match response.get("patch") {
+        Some(Value::String(b64)) => {
+            assert_eq!(response["patchType"], "JSONPatch");
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
+            let ops: Value = serde_json::from_slice(&raw).unwrap();
+            assert!(
+                !ops.as_array().unwrap().is_empty(),
+                "an empty patch must not be sent"
+            );
+            ops
+        }
+        None => {
+            assert!(response.get("patchType").is_none());
+            json!([])
+        }
+        Some(other) => panic!("patch must be a base64 string, got {other}"),
+    };
+    let mut patched = review["request"]["object"].clone();
+    let ops: json_patch::Patch = serde_json::from_value(patch.clone()).unwrap();
+    json_patch::patch(&mut patched, &ops).expect("the patch must apply to request.object");
+    Answered {
+        patch,
+        patched,
+        warnings: response.get("warnings").cloned().unwrap_or(json!([])),
+        bytes,
+    }
+}
+
+fn check_file(case: &Path, name: &str, actual: &Value, failures: &mut Vec<String>) {
+    let path = case.join(name);
+    let text = serde_json::to_string_pretty(actual).unwrap() + "\n";
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "UPDATE_GOLDEN is for people, never for CI"
+        );
+        fs::write(&path, &text).unwrap();
+        return;
+    }
+    match fs::read_to_string(&path) {
+        Ok(expected) if expected == text => {}
+        Ok(_) => failures.push(format!(
+            "{} differs; got:\n{text}\n(re-run with UPDATE_GOLDEN=1 if the change is intended)",
+            path.display()
+        )),
+        Err(_) => failures.push(format!(
+            "{} is missing: run UPDATE_GOLDEN=1 cargo test --test golden",
+            path.display()
+        )),
+    }
+}
+
+fn load(case: &Path) -> Value {
+    serde_json::from_str(&fs::read_to_string(case.join("review.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn every_golden_case_matches_and_obeys_the_laws() {
+    let mut failures = Vec::new();
+    for case in cases() {
+        let name = case.file_name().unwrap().to_string_lossy().into_owned();
+        let policy = policy_for(&case);
+        let review = load(&case);
+        let first = answer(&policy, &review);
+
+        check_file(&case, "patch.json", &first.patch, &mut failures);
+        check_file(&case, "patched.json", &first.patched, &mut failures);
+        check_file(&case, "warnings.json", &first.warnings, &mut failures);
+
+        // Deterministic: the same request gives the same bytes.
+        assert_eq!(
+            first.bytes,
+            answer(&policy, &review).bytes,
+            "{name}: not deterministic"
+        );
+
+        // The result reads as the typed object the apiserver will store.
+        match review["request"]["kind"]["kind"].as_str() {
+            Some("Deployment") if !first.patched.is_null() => {
+                serde_json::from_value::<Deployment>(first.patched.clone())
+                    .unwrap_or_else(|e| panic!("{name}: not a Deployment: {e}"));
+            }
+            Some("Service") => {
+                serde_json::from_value::<Service>(first.patched.clone())
+                    .unwrap_or_else(|e| panic!("{name}: not a Service: {e}"));
+            }
+            _ => {}
+        }
+
+        // Idempotent: the fixed object, sent again (as a reinvocation or the next UPDATE would),
+        // needs nothing more.
+        let mut again = review.clone();
+        again["request"]["object"] = first.patched.clone();
+        let second = answer(&policy, &again);
+        assert_eq!(second.patch, json!([]), "{name}: second mutation not empty");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+fn patched(case: &str) -> Value {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(case);
+    answer(&policy_for(&dir), &load(&dir)).patched
+}
+
+#[test]
+fn controller_repatch_converges_to_what_create_stored() {
+    assert_eq!(
+        patched("embedded-deployment-update-controller-repatch"),
+        patched("embedded-deployment-create")
+    );
+}
+
+#[test]
+fn union_selector_update_converges_to_what_create_stored() {
+    assert_eq!(
+        patched("embedded-service-update-union-selector")["spec"]["selector"],
+        patched("embedded-service-create")["spec"]["selector"]
+    );
+}
+
+#[test]
+fn apiserver_defaults_do_not_trigger_a_repatch() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/example-policy-deployment-update-apiserver-defaults");
+    let a = answer(&policy_for(&dir), &load(&dir));
+    // Only the controller's replica reset is undone; the defaulted probe is left alone.
+    assert_eq!(
+        a.patch,
+        json!([{"op": "replace", "path": "/spec/replicas", "value": 2}])
+    );
+}
+
+#[test]
+fn the_shared_fixtures_obey_the_laws_when_present() {
+    // CI checks out ../shared beside the repository; a user's checkout may not have it.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return;
+    };
+    let policy = Policy::builtin().unwrap();
+    let mut seen = 0;
+    for entry in entries {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if path.extension().is_none_or(|e| e != "json") || name.contains("kubernetes-json-patches")
+        {
+            continue;
+        }
+        let doc: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        let review = if doc["kind"] == "AdmissionReview" {
+            doc
+        } else {
+            let kind = doc["kind"].as_str().unwrap();
+            let group = if kind == "Deployment" { "apps" } else { "" };
+            json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+                "uid": name, "operation": "CREATE", "object": doc,
+                "kind": {"group": group, "version": "v1", "kind": kind}}})
+        };
+        let first = answer(&policy, &review);
+        let mut again = review.clone();
+        again["request"]["object"] = first.patched.clone();
+        assert_eq!(answer(&policy, &again).patch, json!([]), "{name}");
+        if name.starts_with("unrelated-") || name.starts_with("public-proxy-service") {
+            assert_eq!(first.patch, json!([]), "{name} must be left alone");
+        } else {
+            assert_ne!(first.patch, json!([]), "{name} must be fixed");
+        }
+        seen += 1;
+    }
+    assert!(seen >= 7, "read {seen} fixtures from {}", dir.display());
+}
