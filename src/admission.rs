@@ -110,7 +110,10 @@ impl Request {
 /// # Errors
 /// When the body is not JSON, not an AdmissionReview, not v1, or has no request.
 pub fn parse(body: &[u8]) -> Result<Request, ReviewError> {
-    let review: Review = serde_json::from_slice(body).map_err(|e| {
+    // JSON is UTF-8 (RFC 8259). serde_json checks only the strings it keeps, so check it all.
+    let text =
+        std::str::from_utf8(body).map_err(|e| ReviewError::NotJson(format!("not UTF-8: {e}")))?;
+    let review: Review = serde_json::from_str(text).map_err(|e| {
         if e.is_data() {
             ReviewError::Shape(e.to_string())
         } else {
@@ -118,7 +121,7 @@ pub fn parse(body: &[u8]) -> Result<Request, ReviewError> {
         }
     })?;
     // serde would also read a struct from a JSON array; an AdmissionReview is an object.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if text.trim_start().as_bytes().first() != Some(&b'{') {
         return Err(ReviewError::Shape("expected a JSON object".into()));
     }
     match review.api_version.as_deref() {

@@ -1,10 +1,10 @@
 //! Command-line flags. Declarations only; `main` acts on them.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
-use crate::offline::Output;
+use crate::{logging::LogFormat, offline::Output, server::parse_go_duration};
 
 /// A mutating admission webhook that fixes the Services and Deployments authentik's outpost
 /// controller writes: the embedded outpost's selector, PostgreSQL credentials, pod labels,
@@ -18,6 +18,32 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve admission on TLS and health, readiness and metrics on plain HTTP.
+    ///
+    /// With no --tls-cert/--tls-key it generates a development CA and certificate for
+    /// localhost and 127.0.0.1 and writes the CA bundle to --dev-ca-out. Certificate and policy
+    /// files are polled and reloaded when their content changes; a bad new file is refused and
+    /// the old one stays in force. On SIGTERM or SIGINT, /readyz fails at once, requests are
+    /// served for --drain-seconds, then idle connections close and in-flight requests finish.
+    Serve(Box<ServeArgs>),
+    /// Write a CA and a serving certificate for the webhook's Service: ca.crt, tls.crt, tls.key.
+    Certs {
+        /// The webhook's Service name.
+        #[arg(long, default_value = "outpost-webhook")]
+        service: String,
+        /// The webhook's namespace.
+        #[arg(long, default_value = "outpost-webhook")]
+        namespace: String,
+        /// The directory to write to (created if missing). tls.key is written with mode 0600.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// An extra subject alternative name: a DNS name or an IP address (repeatable).
+        #[arg(long = "san", value_name = "NAME|IP")]
+        sans: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
     /// Fix one object offline: a Service, a Deployment or an AdmissionReview (YAML or JSON).
     ///
     /// Prints the patched object (or the patch, or the review response) on stdout and any
@@ -47,4 +73,79 @@ pub enum PolicyCommand {
     },
     /// Print the built-in policy.
     Default,
+}
+
+/// Flags of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where admission is served, on TLS.
+    #[arg(long, default_value = "0.0.0.0:8443", env = "OUTPOST_WEBHOOK_ADDR")]
+    pub addr: SocketAddr,
+    /// Where /healthz, /readyz and /metrics are served, on plain HTTP.
+    #[arg(
+        long,
+        default_value = "0.0.0.0:8080",
+        env = "OUTPOST_WEBHOOK_HEALTH_ADDR"
+    )]
+    pub health_addr: SocketAddr,
+    /// The serving certificate chain (PEM, leaf first). Polled for changes.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        env = "OUTPOST_WEBHOOK_TLS_CERT"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The serving certificate's private key (PEM). Polled for changes.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_cert",
+        env = "OUTPOST_WEBHOOK_TLS_KEY"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA bundle (PEM), for apiservers configured to
+    /// present one.
+    #[arg(long, value_name = "FILE", env = "OUTPOST_WEBHOOK_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Where the development CA bundle is written when no certificate is given.
+    #[arg(long, value_name = "FILE", default_value_os_t = std::env::temp_dir().join("outpost-webhook-dev-ca.crt"))]
+    pub dev_ca_out: PathBuf,
+    /// The policy file; the built-in policy when not given. Polled for changes.
+    #[arg(long, value_name = "FILE", env = "OUTPOST_WEBHOOK_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// How often certificate and policy files are polled.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub reload_interval: Duration,
+    /// Seconds to keep serving after SIGTERM while /readyz fails; match the preStop sleep.
+    #[arg(long, default_value_t = 5)]
+    pub drain_seconds: u64,
+    /// How long in-flight requests may take to finish after the drain.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+    /// The largest request body accepted (an UPDATE carries the object twice).
+    #[arg(long, default_value_t = 6 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// The request deadline when the apiserver sends no ?timeout=.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub request_timeout: Duration,
+    /// How long a client may take to send its request headers (slow clients are cut off).
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub header_timeout: Duration,
+    /// How long a client may take to finish the TLS handshake.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+    /// Open TLS connections beyond this are closed at once.
+    #[arg(long, default_value_t = 1000)]
+    pub max_connections: usize,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = "OUTPOST_WEBHOOK_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log level: error, warn, info, debug or trace. Object contents are never logged.
+    #[arg(long, default_value = "info", env = "OUTPOST_WEBHOOK_LOG_LEVEL")]
+    pub log_level: tracing::Level,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_go_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 10s, 500ms or 1m"))
 }

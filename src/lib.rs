@@ -29,7 +29,13 @@
 //! ```
 
 pub mod admission;
+pub mod certs;
 pub mod cli;
+pub mod logging;
+pub mod metrics;
 pub mod mutate;
 pub mod offline;
 pub mod policy;
+pub mod server;
+pub mod state;
+pub mod tls;

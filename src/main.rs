@@ -4,14 +4,18 @@ use std::{
     io::{Read as _, Write as _},
     path::Path,
     process::ExitCode,
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use outpost_webhook::{
-    cli::{Cli, Command, PolicyCommand},
-    offline,
+    certs,
+    cli::{Cli, Command, PolicyCommand, ServeArgs},
+    logging, offline,
     policy::{DEFAULT_POLICY_YAML, Policy},
+    server::{self, CertSource, Config, Settings},
+    state::Limits,
 };
 
 fn main() -> ExitCode {
@@ -49,6 +53,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}: ok, {} rule(s)", policy.source(), policy.rule_count());
         }
         Command::Policy(PolicyCommand::Default) => print!("{DEFAULT_POLICY_YAML}"),
+        Command::Serve(args) => serve(*args)?,
+        Command::Certs {
+            service,
+            namespace,
+            out,
+            sans,
+            days,
+        } => {
+            for path in certs::write(&service, &namespace, &sans, days, &out)? {
+                println!("wrote {}", path.display());
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -73,4 +89,54 @@ fn read_input(file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
             Ok(buf)
         }
     }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    logging::init(args.log_format, args.log_level);
+    let config = Config {
+        settings: Settings {
+            addr: args.addr,
+            health_addr: args.health_addr,
+            reload_interval: args.reload_interval,
+            drain: Duration::from_secs(args.drain_seconds),
+            shutdown_grace: args.shutdown_grace,
+            header_timeout: args.header_timeout,
+            handshake_timeout: args.handshake_timeout,
+            max_connections: args.max_connections,
+        },
+        certs: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => CertSource::Files { cert, key },
+            _ => CertSource::Development {
+                ca_out: args.dev_ca_out,
+            },
+        },
+        client_ca: args.client_ca,
+        policy: args.policy,
+        limits: Limits {
+            max_body_bytes: args.max_body_bytes,
+            default_timeout: args.request_timeout,
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let stop = signal().context("cannot install signal handlers")?;
+        server::run(config, stop).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on SIGTERM (the kubelet stopping the pod) or SIGINT (Ctrl-C).
+fn signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+    })
 }

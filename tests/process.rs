@@ -1,0 +1,269 @@
+//! The binary as a pod runs it: certificates from `outpost-webhook certs`, `serve` on
+//! ephemeral loopback ports, JSON logs, SIGTERM. Bounded in time: every wait has a deadline.
+
+// A failing test should panic with the value that failed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    os::unix::fs::PermissionsExt as _,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::{Http1, TempDir, apply_answer, golden_reviews, health_get};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_outpost-webhook");
+
+fn certs_into(dir: &TempDir) {
+    let out = Command::new(BIN)
+        .args([
+            "certs",
+            "--service",
+            "outpost-webhook",
+            "--namespace",
+            "outpost-webhook",
+        ])
+        .args(["--san", "127.0.0.1", "--out"])
+        .arg(&dir.0)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Served {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+    addr: std::net::SocketAddr,
+    health: std::net::SocketAddr,
+}
+
+impl Served {
+    /// The next log line, within `limit`.
+    fn next_line(&mut self, limit: Duration) -> Option<String> {
+        let line = self.lines.recv_timeout(limit).ok()?;
+        self.log.push(line.clone());
+        Some(line)
+    }
+}
+
+fn serve(dir: &TempDir, extra: &[&str]) -> Served {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--health-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-format", "json", "--drain-seconds", "1"])
+        .arg("--tls-cert")
+        .arg(dir.0.join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.0.join("tls.key"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut served = Served {
+        child,
+        lines,
+        log: Vec::new(),
+        addr: "0.0.0.0:0".parse().unwrap(),
+        health: "0.0.0.0:0".parse().unwrap(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let Some(line) = served.next_line(Duration::from_secs(10)) else {
+            break;
+        };
+        let v: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+        if v["message"] == "Serving admission on TLS and health on HTTP" {
+            served.addr = v["addr"].as_str().unwrap().parse().unwrap();
+            served.health = v["health_addr"].as_str().unwrap().parse().unwrap();
+            return served;
+        }
+    }
+    let _ = served.child.kill();
+    panic!("the server did not start:\n{}", served.log.join("\n"));
+}
+
+#[test]
+fn certs_writes_a_ca_a_certificate_for_every_service_name_and_a_private_key() {
+    let dir = TempDir::new("certs");
+    certs_into(&dir);
+    let mode = |f: &str| {
+        std::fs::metadata(dir.0.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("tls.key"), 0o600);
+    assert_eq!(mode("tls.crt"), 0o644);
+    assert_eq!(mode("ca.crt"), 0o644);
+    let ca = std::fs::read_to_string(dir.0.join("ca.crt")).unwrap();
+    let cert = std::fs::read_to_string(dir.0.join("tls.crt")).unwrap();
+    let key = std::fs::read_to_string(dir.0.join("tls.key")).unwrap();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+    // The certificate and key are a pair, and the chain verifies for each name the apiserver
+    // may dial.
+    let store = outpost_webhook::tls::CertStore::from_pem(
+        outpost_webhook::tls::provider(),
+        cert.as_bytes(),
+        key.as_bytes(),
+    )
+    .unwrap();
+    assert!(store.not_after() > 0);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut served = serve(&dir, &[]);
+        for name in [
+            "outpost-webhook",
+            "outpost-webhook.outpost-webhook",
+            "outpost-webhook.outpost-webhook.svc",
+            "outpost-webhook.outpost-webhook.svc.cluster.local",
+            "127.0.0.1",
+        ] {
+            let tcp = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+            let config = common::client_config(&ca, &[b"http/1.1"], None);
+            tokio_rustls::TlsConnector::from(config)
+                .connect(
+                    rustls::pki_types::ServerName::try_from(name)
+                        .unwrap()
+                        .to_owned(),
+                    tcp,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        served.child.kill().unwrap();
+        let _ = served.child.wait();
+    });
+}
+
+#[test]
+fn sigterm_fails_readiness_keeps_serving_through_the_drain_and_exits_zero() {
+    let dir = TempDir::new("sigterm");
+    certs_into(&dir);
+    let ca = std::fs::read_to_string(dir.0.join("ca.crt")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut served = serve(&dir, &[]);
+    runtime.block_on(async {
+        let mut client = Http1::connect(served.addr, &ca).await;
+        let review = golden_reviews()
+            .into_iter()
+            .find(|(n, _)| n == "embedded-service-create")
+            .unwrap()
+            .1;
+        let (status, answer) = client.review(&review).await;
+        assert_eq!(status, 200);
+        apply_answer(&review, &answer);
+        assert_eq!(health_get(served.health, "/readyz").await.0, 200);
+
+        let kill = Command::new("kill")
+            .args(["-TERM", &served.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        // Readiness turns before the listener closes, and requests are still answered.
+        let deadline = Instant::now() + Duration::from_millis(900);
+        loop {
+            if health_get(served.health, "/readyz").await.0 == 503 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "/readyz never turned 503");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(client.review(&review).await.0, 200);
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}");
+    while served.next_line(Duration::from_millis(200)).is_some() {}
+    let messages: Vec<Value> = served
+        .log
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let review_line = messages.iter().find(|m| m["message"] == "Mutated").unwrap();
+    for field in ["uid", "operation", "kind", "namespace", "name"] {
+        assert!(
+            review_line["span"][field].is_string(),
+            "{field} missing from {review_line}"
+        );
+    }
+    assert!(messages.iter().any(|m| m["message"] == "Stopped"));
+}
+
+#[test]
+fn secret_values_never_reach_the_logs_even_at_trace() {
+    let dir = TempDir::new("secrets");
+    certs_into(&dir);
+    let ca = std::fs::read_to_string(dir.0.join("ca.crt")).unwrap();
+    let policy = dir.0.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "rules: [{deployment: {env: [{name: FROM_POLICY, value: policy-literal-7f1c}]}}]",
+    )
+    .unwrap();
+    let mut served = serve(
+        &dir,
+        &["--log-level", "trace", "--policy", policy.to_str().unwrap()],
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = Http1::connect(served.addr, &ca).await;
+        let mut review = golden_reviews()
+            .into_iter()
+            .find(|(n, _)| n == "embedded-deployment-create")
+            .unwrap()
+            .1;
+        review["request"]["object"]["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "DB_PASSWORD", "value": "hunter2-object-literal"}));
+        let (status, answer) = client.review(&review).await;
+        assert_eq!(status, 200);
+        let patched = apply_answer(&review, &answer);
+        assert!(patched.to_string().contains("policy-literal-7f1c"));
+    });
+    served.child.kill().unwrap();
+    let _ = served.child.wait();
+    while served.next_line(Duration::from_millis(200)).is_some() {}
+    let all = served.log.join("\n");
+    assert!(all.contains("Mutated"), "trace logs were captured:\n{all}");
+    for secret in ["hunter2-object-literal", "policy-literal-7f1c"] {
+        assert!(
+            !all.contains(secret),
+            "{secret} leaked into the logs:\n{all}"
+        );
+    }
+}
