@@ -52,7 +52,7 @@ pub enum TlsError {
     #[error("cannot build the TLS configuration: {0}")]
     Config(String),
     #[error("cannot generate a certificate: {0}")]
-    Generate(String),
+    Generate(#[from] rcgen::Error),
 }
 
 /// A parsed certificate chain and key, with the leaf's `notAfter`.
@@ -307,41 +307,21 @@ pub fn service_dns_names(name: &str, namespace: &str) -> Vec<String> {
 /// # Errors
 /// When a SAN is not a valid DNS name or the key cannot be generated.
 pub fn generate(sans: &[String], days: u32) -> Result<Generated, TlsError> {
-    let err = |e: rcgen::Error| TlsError::Generate(e.to_string());
-
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name
-        .push(DnType::CommonName, "outpost-webhook CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    set_validity(&mut ca, days);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(err)?).map_err(err)?;
-
-    let mut leaf = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    let mut leaf = CertificateParams::new(Vec::<String>::new())?;
     for san in sans {
         leaf.subject_alt_names.push(match san.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(san.clone().try_into().map_err(err)?),
+            Err(_) => SanType::DnsName(san.clone().try_into()?),
         });
     }
-    leaf.distinguished_name.push(
-        DnType::CommonName,
-        sans.first().map_or("outpost-webhook", String::as_str),
-    );
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    set_validity(&mut leaf, days);
-    let key = KeyPair::generate().map_err(err)?;
-    let cert = leaf.signed_by(&key, &ca).map_err(err)?;
-    Ok(Generated {
-        ca_pem: ca.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    let name = sans.first().map_or("outpost-webhook", String::as_str);
+    issue(
+        "outpost-webhook CA",
+        leaf,
+        name,
+        ExtendedKeyUsagePurpose::ServerAuth,
+        days,
+    )
 }
 
 /// A client certificate signed by a new CA, for tests of `--client-ca` and for apiservers that
@@ -350,24 +330,37 @@ pub fn generate(sans: &[String], days: u32) -> Result<Generated, TlsError> {
 /// # Errors
 /// When the key cannot be generated.
 pub fn generate_client(common_name: &str, days: u32) -> Result<Generated, TlsError> {
-    let err = |e: rcgen::Error| TlsError::Generate(e.to_string());
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    let leaf = CertificateParams::new(Vec::<String>::new())?;
+    let usage = ExtendedKeyUsagePurpose::ClientAuth;
+    issue("outpost-webhook client CA", leaf, common_name, usage, days)
+}
+
+/// Makes a new CA named `ca_name` and signs `leaf` with it.
+fn issue(
+    ca_name: &str,
+    mut leaf: CertificateParams,
+    common_name: &str,
+    usage: ExtendedKeyUsagePurpose,
+    days: u32,
+) -> Result<Generated, TlsError> {
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name
-        .push(DnType::CommonName, "outpost-webhook client CA");
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
     set_validity(&mut ca, days);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(err)?).map_err(err)?;
-    let mut leaf = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+
     leaf.distinguished_name
         .push(DnType::CommonName, common_name);
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    leaf.extended_key_usages = vec![usage];
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     set_validity(&mut leaf, days);
-    let key = KeyPair::generate().map_err(err)?;
-    let cert = leaf.signed_by(&key, &ca).map_err(err)?;
+    let key = KeyPair::generate()?;
+    let cert = leaf.signed_by(&key, &ca)?;
     Ok(Generated {
         ca_pem: ca.pem(),
         cert_pem: cert.pem(),
