@@ -418,6 +418,8 @@ fn answer(app: &App, request: &admission::Request, started: Instant) -> Response
         namespace = request.namespace.as_deref().unwrap_or(""),
         name = %request.name,
         dry_run = request.dry_run,
+        ops = tracing::field::Empty,
+        duration_us = tracing::field::Empty,
     );
     let _entered = span.enter();
     let policy = app.policy.current();

@@ -370,3 +370,59 @@ async fn client_certificates_are_required_when_a_client_ca_is_given() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn create_and_update_of_every_shared_fixture_converge_over_one_connection() {
+    let server = TestServer::start().await;
+    let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
+    let fixtures = common::fixture_objects();
+    assert_eq!(fixtures.len(), 7);
+    for (name, object) in &fixtures {
+        let create = common::review_for(&format!("{name}-create"), "CREATE", object, None);
+        let (status, answer) = client.review(&create).await;
+        assert_eq!(status, 200, "{name}");
+        let stored = apply_answer(&create, &answer);
+        let outpost = !name.starts_with("unrelated-");
+        assert_eq!(
+            stored != *object,
+            outpost && !name.starts_with("public-proxy-service"),
+            "{name}"
+        );
+
+        // The controller's later strategic-merge PATCH: its reference object merged over what is
+        // stored (the selector keys unite, replicas return to the controller's value).
+        let mut merged = stored.clone();
+        if let Some(selector) = object["spec"]["selector"]
+            .as_object()
+            .filter(|_| object["kind"] == "Service")
+        {
+            for (k, v) in selector {
+                merged["spec"]["selector"][k] = v.clone();
+            }
+        }
+        if object["kind"] == "Deployment" {
+            merged["spec"]["replicas"] = object["spec"]["replicas"].clone();
+        }
+        let update =
+            common::review_for(&format!("{name}-update"), "UPDATE", &merged, Some(&stored));
+        let (status, answer) = client.review(&update).await;
+        assert_eq!(status, 200, "{name}");
+        assert_eq!(
+            apply_answer(&update, &answer),
+            stored,
+            "{name}: UPDATE must converge to what CREATE stored"
+        );
+
+        // And the stored object, sent again, needs nothing.
+        let again = common::review_for(&format!("{name}-again"), "UPDATE", &stored, Some(&stored));
+        let (_, answer) = client.review(&again).await;
+        assert!(
+            answer["response"].get("patch").is_none(),
+            "{name}: {answer}"
+        );
+        match object["kind"].as_str().unwrap() {
+            "Deployment" => drop(serde_json::from_value::<Deployment>(stored).unwrap()),
+            _ => drop(serde_json::from_value::<Service>(stored).unwrap()),
+        }
+    }
+}

@@ -199,15 +199,11 @@ fn apiserver_defaults_do_not_trigger_a_repatch() {
 }
 
 #[test]
-fn the_shared_fixtures_obey_the_laws_when_present() {
-    // CI checks out ../shared beside the repository; a user's checkout may not have it.
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    let Ok(entries) = fs::read_dir(&dir) else {
-        return;
-    };
+fn the_shared_fixtures_obey_the_laws() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let policy = Policy::builtin().unwrap();
     let mut seen = 0;
-    for entry in entries {
+    for entry in fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if path.extension().is_none_or(|e| e != "json") || name.contains("kubernetes-json-patches")
@@ -235,5 +231,27 @@ fn the_shared_fixtures_obey_the_laws_when_present() {
         }
         seen += 1;
     }
-    assert!(seen >= 7, "read {seen} fixtures from {}", dir.display());
+    assert_eq!(seen, 7, "read {seen} fixtures from {}", dir.display());
+}
+
+#[test]
+fn the_fixture_copies_match_shared_when_it_is_beside_the_repository() {
+    // CI checks out ../shared beside the repository; a user's clone may not have it.
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    let Ok(entries) = fs::read_dir(&shared) else {
+        return;
+    };
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for entry in entries {
+        let path = entry.unwrap().path();
+        let copy = ours.join(path.file_name().unwrap());
+        if copy.exists() {
+            assert_eq!(
+                fs::read(&path).unwrap(),
+                fs::read(&copy).unwrap(),
+                "{} drifted",
+                copy.display()
+            );
+        }
+    }
 }

@@ -182,6 +182,28 @@ fn sigterm_fails_readiness_keeps_serving_through_the_drain_and_exits_zero() {
         apply_answer(&review, &answer);
         assert_eq!(health_get(served.health, "/readyz").await.0, 200);
 
+        // A request whose body is still arriving when SIGTERM comes.
+        let body = serde_json::to_vec(&review).unwrap();
+        let (first_half, second_half) = body.split_at(body.len() / 2);
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(2);
+        let config = common::client_config(&ca, &[b"http/1.1"], None);
+        let tls = common::tls_connect(served.addr, config).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::post("/mutate?timeout=10s")
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .body(common::ChannelBody(rx))
+            .unwrap();
+        tx.send(bytes::Bytes::copy_from_slice(first_half))
+            .await
+            .unwrap();
+        let in_flight = tokio::spawn(async move { sender.send_request(req).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
         let kill = Command::new("kill")
             .args(["-TERM", &served.child.id().to_string()])
             .status()
@@ -197,6 +219,12 @@ fn sigterm_fails_readiness_keeps_serving_through_the_drain_and_exits_zero() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(client.review(&review).await.0, 200);
+        tx.send(bytes::Bytes::copy_from_slice(second_half))
+            .await
+            .unwrap();
+        let (status, answer) = common::read_json(in_flight.await.unwrap().unwrap()).await;
+        assert_eq!(status, 200, "the request in flight at SIGTERM completes");
+        apply_answer(&review, &answer);
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
