@@ -4,7 +4,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{logging::LogFormat, offline::Output, server::parse_go_duration};
+use crate::{
+    logging::LogFormat,
+    offline::Output,
+    server::{self, parse_go_duration},
+};
 
 /// A mutating admission webhook that fixes the Services and Deployments authentik's outpost
 /// controller writes: the embedded outpost's selector, PostgreSQL credentials, pod labels,
@@ -59,6 +63,31 @@ pub enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Object)]
         output: Output,
     },
+    /// Print the MutatingWebhookConfiguration (deploy/base/webhook.yaml) with a CA bundle and a
+    /// client config, for `kubectl apply -f -`.
+    WebhookConfig {
+        /// The CA bundle (PEM) the apiserver verifies the webhook with, e.g. `certs`' ca.crt.
+        #[arg(long, value_name = "FILE")]
+        ca_bundle: Option<PathBuf>,
+        /// The webhook's Service.
+        #[arg(long, default_value = "outpost-webhook", conflicts_with = "url")]
+        service: String,
+        /// The webhook's namespace.
+        #[arg(long, default_value = "outpost-webhook", conflicts_with = "url")]
+        namespace: String,
+        /// Call the webhook at this `https://` URL instead of a Service (for a local apiserver:
+        /// `https://127.0.0.1:8443/mutate`).
+        #[arg(long)]
+        url: Option<String>,
+        /// The labels of the namespaces whose outposts are fixed: key=value[,key=value...].
+        /// Default: kubernetes.io/metadata.name=authentik.
+        #[arg(long, value_name = "SELECTOR")]
+        namespace_selector: Option<String>,
+        /// Fail (default: a write that skipped the webhook would store the broken selector) or
+        /// Ignore.
+        #[arg(long, value_parser = ["Fail", "Ignore"])]
+        failure_policy: Option<String>,
+    },
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -73,13 +102,21 @@ pub enum PolicyCommand {
     },
     /// Print the built-in policy.
     Default,
+    /// Turn an outpost's `kubernetes_json_patches` into a policy. Prints the policy on stdout and
+    /// every operation it cannot express on stderr (and as comments in the policy).
+    Import {
+        /// The outpost record's `kubernetes_json_patches`, as JSON:
+        /// {"deployment": [...], "service": [...]}.
+        #[arg(long = "from-json-patches", value_name = "FILE")]
+        from_json_patches: PathBuf,
+    },
 }
 
 /// Flags of `serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Where admission is served, on TLS.
-    #[arg(long, default_value = "0.0.0.0:8443", env = "OUTPOST_WEBHOOK_ADDR")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], server::DEFAULT_PORT)), env = "OUTPOST_WEBHOOK_ADDR")]
     pub addr: SocketAddr,
     /// Where /healthz, /readyz and /metrics are served, on plain HTTP.
     #[arg(
@@ -126,8 +163,9 @@ pub struct ServeArgs {
     /// The largest request body accepted (an UPDATE carries the object twice).
     #[arg(long, default_value_t = 6 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// The request deadline when the apiserver sends no ?timeout=.
-    #[arg(long, default_value = "10s", value_parser = duration)]
+    /// The request deadline when the apiserver sends no ?timeout= (the registration's
+    /// timeoutSeconds).
+    #[arg(long, default_value = "5s", value_parser = duration)]
     pub request_timeout: Duration,
     /// How long a client may take to send its request headers (slow clients are cut off).
     #[arg(long, default_value = "5s", value_parser = duration)]

@@ -31,6 +31,7 @@
 pub mod admission;
 pub mod certs;
 pub mod cli;
+pub mod import;
 pub mod logging;
 pub mod metrics;
 pub mod mutate;
@@ -39,3 +40,4 @@ pub mod policy;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod webhook_config;

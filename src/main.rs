@@ -12,10 +12,11 @@ use clap::Parser as _;
 use outpost_webhook::{
     certs,
     cli::{Cli, Command, PolicyCommand, ServeArgs},
-    logging, offline,
+    import, logging, offline,
     policy::{DEFAULT_POLICY_YAML, Policy},
     server::{self, CertSource, Config, Settings},
     state::Limits,
+    webhook_config::{self, Target},
 };
 
 fn main() -> ExitCode {
@@ -53,7 +54,54 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}: ok, {} rule(s)", policy.source(), policy.rule_count());
         }
         Command::Policy(PolicyCommand::Default) => print!("{DEFAULT_POLICY_YAML}"),
+        Command::Policy(PolicyCommand::Import { from_json_patches }) => {
+            let text = std::fs::read_to_string(&from_json_patches)
+                .with_context(|| format!("cannot read {}", from_json_patches.display()))?;
+            let patches: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", from_json_patches.display()))?;
+            let imported = import::import(&patches, &from_json_patches.display().to_string())?;
+            for line in &imported.unsupported {
+                eprintln!("not expressible: {line}");
+            }
+            eprintln!(
+                "{} operation(s) expressed, {} not",
+                imported.expressed,
+                imported.unsupported.len()
+            );
+            print!("{}", imported.yaml);
+        }
         Command::Serve(args) => serve(*args)?,
+        Command::WebhookConfig {
+            ca_bundle,
+            service,
+            namespace,
+            url,
+            namespace_selector,
+            failure_policy,
+        } => {
+            let ca_bundle = match ca_bundle {
+                Some(p) => Some(
+                    std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let target = match url {
+                Some(url) => Target::Url(url),
+                None => Target::Service {
+                    name: service,
+                    namespace,
+                },
+            };
+            print!(
+                "{}",
+                webhook_config::render(&webhook_config::Options {
+                    ca_bundle,
+                    target,
+                    namespace_selector,
+                    failure_policy,
+                })?
+            );
+        }
         Command::Certs {
             service,
             namespace,

@@ -667,6 +667,14 @@ mod tests {
     }
 
     #[test]
+    fn pointer_tokens_escape_slash_and_tilde() {
+        assert_eq!(
+            ptr(&["spec", "template", "metadata", "labels", "example.com/a~b"]).as_str(),
+            "/spec/template/metadata/labels/example.com~1a~0b"
+        );
+    }
+
+    #[test]
     fn quantities_compare_by_value() {
         for (a, b) in [
             ("2Gi", "2048Mi"),

@@ -672,10 +672,18 @@ fn typed<T: DeserializeOwned + Serialize>(cx: &Cx<'_>, value: &Value) -> Result<
     let typed: T =
         serde_json::from_value(value.clone()).map_err(|e| cx.err("", one_line(&e.to_string())))?;
     let back = serde_json::to_value(&typed).map_err(|e| cx.err("", e.to_string()))?;
-    if let Some(unknown) = first_unknown(value, &back, "") {
+    if let Some(unknown) = unknown_field(value, &back) {
         return Err(cx.err(&unknown, "unknown field"));
     }
     Ok(typed)
+}
+
+/// The first field (as a dotted path) that `written` has and `known` lacks: `known` is
+/// `written` after a round trip through its k8s-openapi type, which drops unknown fields
+/// silently, as the apiserver prunes them.
+#[must_use]
+pub fn unknown_field(written: &Value, known: &Value) -> Option<String> {
+    first_unknown(written, known, "")
 }
 
 fn first_unknown(written: &Value, known: &Value, at: &str) -> Option<String> {

@@ -45,6 +45,13 @@ use crate::{
 
 /// The admission path, as registered in the MutatingWebhookConfiguration.
 pub const MUTATE_PATH: &str = "/mutate";
+/// The default admission port (TLS); the Service maps 443 to it.
+pub const DEFAULT_PORT: u16 = 8443;
+/// The default health and metrics port (plain HTTP).
+pub const DEFAULT_HEALTH_PORT: u16 = 8080;
+/// The registration's `timeoutSeconds`, and the request deadline when the apiserver sends no
+/// `?timeout=`: past it the apiserver has given up on the call anyway.
+pub const TIMEOUT_SECONDS: u64 = 5;
 
 /// How the server is run.
 #[derive(Debug, Clone)]

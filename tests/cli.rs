@@ -141,3 +141,77 @@ fn policy_default_prints_a_policy_that_checks() {
     let p = outpost_webhook::policy::Policy::from_yaml("stdout", &text(&out.stdout)).unwrap();
     assert_eq!(p.rule_count(), 1);
 }
+
+#[test]
+fn policy_import_of_the_operators_patches_does_what_they_did() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let patches_file = fixtures.join("embedded-outpost-kubernetes-json-patches.json");
+    let out = run(
+        &[
+            "policy",
+            "import",
+            "--from-json-patches",
+            patches_file.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("12 operation(s) expressed, 0 not"));
+    let policy =
+        outpost_webhook::policy::Policy::from_yaml("imported", &text(&out.stdout)).unwrap();
+
+    let patches: Value =
+        serde_json::from_str(&std::fs::read_to_string(&patches_file).unwrap()).unwrap();
+    for (kind, fixture) in [
+        ("deployment", "embedded-proxy-deployment.create.json"),
+        ("service", "embedded-proxy-service.create.json"),
+    ] {
+        let object: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures.join(fixture)).unwrap())
+                .unwrap();
+        // What authentik did with the hand-written patches...
+        let mut by_hand = object.clone();
+        let ops: json_patch::Patch = serde_json::from_value(patches[kind].clone()).unwrap();
+        json_patch::patch(&mut by_hand, &ops).unwrap();
+        // ...and what the webhook does with the imported policy.
+        let object_kind = if kind == "service" {
+            outpost_webhook::mutate::ObjectKind::Service
+        } else {
+            outpost_webhook::mutate::ObjectKind::Deployment
+        };
+        let outcome = outpost_webhook::mutate::mutate_object(&policy, object_kind, &object);
+        let mut by_webhook = object.clone();
+        json_patch::patch(&mut by_webhook, &outcome.ops).unwrap();
+        if kind == "deployment" {
+            // The one addition: the config checksum.
+            let annotations = by_webhook["spec"]["template"]["metadata"]
+                .as_object_mut()
+                .unwrap();
+            assert!(annotations.remove("annotations").is_some());
+        }
+        assert_eq!(by_webhook, by_hand, "{kind}");
+    }
+}
+
+#[test]
+fn webhook_config_renders_the_registration_with_a_ca_bundle() {
+    let dir = std::env::temp_dir().join(format!("ow-whc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ca.crt"), "CA").unwrap();
+    let out = run(
+        &[
+            "webhook-config",
+            "--ca-bundle",
+            dir.join("ca.crt").to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_saphyr::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["webhooks"][0]["clientConfig"]["caBundle"], "Q0E=");
+    assert_eq!(
+        v["webhooks"][0]["clientConfig"]["service"]["path"],
+        "/mutate"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

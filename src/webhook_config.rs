@@ -1,0 +1,172 @@
+//! The `webhook-config` command: the MutatingWebhookConfiguration of `deploy/base/webhook.yaml`
+//! (compiled in, so the binary and `deploy/` cannot drift), with a CA bundle and a client
+//! config filled in.
+//!
+//! Pure: the caller reads the CA file and prints the result.
+
+use base64::Engine as _;
+use serde_json::{Map, Value, json};
+
+/// The registration as `deploy/base` ships it.
+pub const WEBHOOK_YAML: &str = include_str!("../deploy/base/webhook.yaml");
+
+/// Where the apiserver sends reviews.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The in-cluster Service, on port 443 at [`crate::server::MUTATE_PATH`].
+    Service { name: String, namespace: String },
+    /// A URL, e.g. `https://127.0.0.1:8443/mutate` for a local apiserver.
+    Url(String),
+}
+
+/// Why the registration could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookConfigError {
+    #[error("the built-in registration does not parse: {0}")]
+    Builtin(String),
+    #[error("--namespace-selector {0:?}: expected key=value[,key=value...]")]
+    Selector(String),
+    #[error("--url {0:?}: must be an https:// URL")]
+    Url(String),
+    #[error("cannot write YAML: {0}")]
+    Write(String),
+}
+
+/// The choices `webhook-config` exposes.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub ca_bundle: Option<Vec<u8>>,
+    pub target: Target,
+    /// `key=value[,key=value]`: the labels of the namespaces whose outposts are fixed.
+    pub namespace_selector: Option<String>,
+    /// `Fail` (the default, and why is in the YAML) or `Ignore`.
+    pub failure_policy: Option<String>,
+}
+
+/// Renders the registration as YAML.
+///
+/// # Errors
+/// When the selector or URL is malformed.
+pub fn render(options: &Options) -> Result<String, WebhookConfigError> {
+    let mut doc: Value = serde_saphyr::from_str(WEBHOOK_YAML)
+        .map_err(|e| WebhookConfigError::Builtin(e.to_string()))?;
+    let selector = options
+        .namespace_selector
+        .as_deref()
+        .map(parse_selector)
+        .transpose()?;
+    let client_config = match &options.target {
+        Target::Service { name, namespace } => json!({"service": {
+            "name": name, "namespace": namespace,
+            "path": crate::server::MUTATE_PATH, "port": 443}}),
+        Target::Url(url) if url.starts_with("https://") => json!({"url": url}),
+        Target::Url(url) => return Err(WebhookConfigError::Url(url.clone())),
+    };
+    let webhooks = doc
+        .get_mut("webhooks")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| WebhookConfigError::Builtin("no webhooks".into()))?;
+    for webhook in webhooks {
+        let Some(w) = webhook.as_object_mut() else {
+            continue;
+        };
+        let mut cc = client_config.clone();
+        if let (Some(ca), Some(cc)) = (&options.ca_bundle, cc.as_object_mut()) {
+            cc.insert(
+                "caBundle".into(),
+                base64::engine::general_purpose::STANDARD.encode(ca).into(),
+            );
+        }
+        w.insert("clientConfig".into(), cc);
+        if let Some(labels) = &selector {
+            w.insert("namespaceSelector".into(), json!({"matchLabels": labels}));
+        }
+        if let Some(policy) = &options.failure_policy {
+            w.insert("failurePolicy".into(), policy.clone().into());
+        }
+    }
+    serde_saphyr::to_string(&doc).map_err(|e| WebhookConfigError::Write(e.to_string()))
+}
+
+fn parse_selector(s: &str) -> Result<Map<String, Value>, WebhookConfigError> {
+    let bad = || WebhookConfigError::Selector(s.to_owned());
+    s.split(',')
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').ok_or_else(bad)?;
+            let (k, v) = (k.trim(), v.trim());
+            if crate::policy::valid_qualified_name(k) && crate::policy::valid_label_value(v) {
+                Ok((k.to_owned(), Value::from(v)))
+            } else {
+                Err(bad())
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render_value(options: &Options) -> Value {
+        serde_saphyr::from_str(&render(options).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn fills_ca_bundle_service_selector_and_failure_policy() {
+        let v = render_value(&Options {
+            ca_bundle: Some(b"PEM".to_vec()),
+            target: Target::Service {
+                name: "wh".into(),
+                namespace: "ns".into(),
+            },
+            namespace_selector: Some("team=identity, env=prod".into()),
+            failure_policy: Some("Ignore".into()),
+        });
+        let w = &v["webhooks"][0];
+        assert_eq!(
+            w["clientConfig"],
+            json!({"caBundle": "UEVN", "service": {
+            "name": "wh", "namespace": "ns", "path": "/mutate", "port": 443}})
+        );
+        assert_eq!(
+            w["namespaceSelector"],
+            json!({"matchLabels": {"team": "identity", "env": "prod"}})
+        );
+        assert_eq!(w["failurePolicy"], "Ignore");
+    }
+
+    #[test]
+    fn a_url_target_for_a_local_apiserver() {
+        let v = render_value(&Options {
+            ca_bundle: None,
+            target: Target::Url("https://127.0.0.1:8443/mutate".into()),
+            namespace_selector: None,
+            failure_policy: None,
+        });
+        assert_eq!(
+            v["webhooks"][0]["clientConfig"],
+            json!({"url": "https://127.0.0.1:8443/mutate"})
+        );
+        assert_eq!(v["webhooks"][0]["failurePolicy"], "Fail");
+    }
+
+    #[test]
+    fn bad_selectors_and_urls_are_refused() {
+        let mut o = Options {
+            ca_bundle: None,
+            target: Target::Url("http://x".into()),
+            namespace_selector: None,
+            failure_policy: None,
+        };
+        assert!(render(&o).is_err());
+        o.target = Target::Service {
+            name: "a".into(),
+            namespace: "b".into(),
+        };
+        o.namespace_selector = Some("novalue".into());
+        assert_eq!(
+            render(&o).unwrap_err().to_string(),
+            "--namespace-selector \"novalue\": expected key=value[,key=value...]"
+        );
+    }
+}
