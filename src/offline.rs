@@ -70,14 +70,19 @@ pub fn run(policy: &Policy, input: &[u8], output: Output) -> Result<Mutated, Off
         serde_json::from_slice(input).map_err(|e| OfflineError::Json(e.to_string()))?
     };
 
-    let (uid, request) = if doc.get("kind").and_then(Value::as_str) == Some(admission::KIND) {
+    // The request holds the object pruned to what the rules read; the patch is applied to the
+    // whole one, as the apiserver does.
+    let (request, whole) = if doc.get("kind").and_then(Value::as_str) == Some(admission::KIND) {
         let bytes = serde_json::to_vec(&doc).map_err(|e| OfflineError::Json(e.to_string()))?;
-        let request = admission::parse(&bytes)?;
-        (request.uid.clone(), request)
+        let whole = doc
+            .pointer("/request/object")
+            .cloned()
+            .unwrap_or(Value::Null);
+        (admission::parse(&bytes)?, whole)
     } else {
-        let request = synthesize(&doc)?;
-        (request.uid.clone(), request)
+        (synthesize(&doc)?, doc)
     };
+    let uid = request.uid.clone();
 
     let outcome = admission::decide(policy, &request);
     let stdout = match output {
@@ -89,7 +94,7 @@ pub fn run(policy: &Policy, input: &[u8], output: Output) -> Result<Mutated, Off
             pretty(&v)?
         }
         Output::Object => {
-            let mut object = request.object.unwrap_or(Value::Null);
+            let mut object = whole;
             json_patch::patch(&mut object, &outcome.ops)
                 .map_err(|e| OfflineError::Apply(e.to_string()))?;
             if yaml {

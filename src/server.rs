@@ -508,6 +508,21 @@ pub async fn start(
     app: Arc<App>,
     tls: Arc<ServerConfig>,
 ) -> Result<Running, ServeError> {
+    let admission = router(Arc::clone(&app));
+    start_with(settings, app, tls, admission).await
+}
+
+/// As [`start`], serving `admission` on the TLS port: the benchmark's floor server uses it to
+/// measure the TLS and HTTP stack alone, with everything else the same.
+///
+/// # Errors
+/// When a listener cannot be bound.
+pub async fn start_with(
+    settings: Settings,
+    app: Arc<App>,
+    tls: Arc<ServerConfig>,
+    admission: Router,
+) -> Result<Running, ServeError> {
     let bind = |addr| async move {
         TcpListener::bind(addr)
             .await
@@ -528,7 +543,7 @@ pub async fn start(
     let task = tokio::spawn(supervise(
         settings,
         Arc::clone(&app),
-        tls,
+        (tls, admission),
         listener,
         health,
         stop_rx,
@@ -546,7 +561,7 @@ pub async fn start(
 async fn supervise(
     settings: Settings,
     app: Arc<App>,
-    tls: Arc<ServerConfig>,
+    (tls, admission): (Arc<ServerConfig>, Router),
     listener: TcpListener,
     health: TcpListener,
     mut stop: watch::Receiver<bool>,
@@ -584,7 +599,7 @@ async fn supervise(
     let accept_task = tokio::spawn(accept_loop(
         settings.clone(),
         Arc::clone(&app),
-        tls,
+        (tls, admission),
         listener,
         accept_stop_rx,
     ));
@@ -610,12 +625,11 @@ async fn stopped(flag: &mut watch::Receiver<bool>) {
 async fn accept_loop(
     settings: Settings,
     app: Arc<App>,
-    tls: Arc<ServerConfig>,
+    (tls, router): (Arc<ServerConfig>, Router),
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let router = router(Arc::clone(&app));
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());

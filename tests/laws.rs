@@ -9,6 +9,7 @@ use std::path::Path;
 
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
 use outpost_webhook::{
+    admission,
     mutate::{ObjectKind, Outcome, Verdict, mutate_object},
     policy::Policy,
 };

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Load benchmark over TLS: outpost-webhook and a floor server (the same TLS and HTTP stack
+# answering a constant) in the same run, each pinned to core 0 with the load generator on
+# core 1; HTTP/1.1 keep-alive, HTTP/2, and a new connection per request; 1, 16 and 64
+# connections; medians of REPEATS runs of SECONDS each.
+#
+#   bench/load.sh [SECONDS=5] [REPEATS=3]
+#
+# Installs what it needs: oha (from crates.io, into target/bench-tools). Only 127.0.0.1 is
+# used. Writes the table to stdout and target/bench/load.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-5}
+repeats=${2:-3}
+
+oha=target/bench-tools/bin/oha
+if [ ! -x "$oha" ]; then
+  echo "load.sh: building oha 1.16.0 from crates.io (once)" >&2
+  cargo install oha --locked --version 1.16.0 --root target/bench-tools >&2
+fi
+command -v taskset >/dev/null || { echo "load.sh: taskset (util-linux) is needed" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "load.sh: python3 is needed" >&2; exit 1; }
+
+cargo build --release --locked --bin outpost-webhook --example floor >&2
+mkdir -p target/bench
+target/release/outpost-webhook certs --service outpost-webhook --namespace outpost-webhook \
+  --san 127.0.0.1 --out target/bench/certs >/dev/null
+
+exec python3 bench/load.py "$seconds" "$repeats"
