@@ -1,5 +1,5 @@
 //! The benchmark's floor: outpost-webhook's own TLS and HTTP stack (same accept loop, rustls
-//! configuration, ALPN, TCP_NODELAY and timeouts) answering `POST /mutate` with a constant
+//! configuration, ALPN, `TCP_NODELAY` and timeouts) answering `POST /mutate` with a constant
 //! AdmissionReview response. What `serve` costs above this is the cost of reviewing.
 //!
 //! `cargo run --release --example floor -- ADDR CERT KEY` (bench/load.sh runs it).

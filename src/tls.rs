@@ -301,27 +301,92 @@ pub fn service_dns_names(name: &str, namespace: &str) -> Vec<String> {
     ]
 }
 
+/// A certificate authority that can issue more than one certificate (rotation tests, and the
+/// CA kept by `certs`).
+pub struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    /// A new CA named `name`, valid for `days`.
+    ///
+    /// # Errors
+    /// When the key cannot be generated.
+    pub fn new(name: &str, days: u32) -> Result<Self, TlsError> {
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.distinguished_name.push(DnType::CommonName, name);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        set_validity(&mut ca, days);
+        Ok(Self {
+            issuer: CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?,
+        })
+    }
+
+    /// The CA certificate, PEM.
+    #[must_use]
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A serving certificate for `sans` (DNS names or IP addresses).
+    ///
+    /// # Errors
+    /// When a SAN is not a valid DNS name or the key cannot be generated.
+    pub fn serving(&self, sans: &[String], days: u32) -> Result<Generated, TlsError> {
+        let mut leaf = CertificateParams::new(Vec::<String>::new())?;
+        for san in sans {
+            leaf.subject_alt_names.push(match san.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(san.clone().try_into()?),
+            });
+        }
+        let name = sans.first().map_or("outpost-webhook", String::as_str);
+        self.sign(leaf, name, ExtendedKeyUsagePurpose::ServerAuth, days)
+    }
+
+    /// A client certificate named `common_name`.
+    ///
+    /// # Errors
+    /// When the key cannot be generated.
+    pub fn client(&self, common_name: &str, days: u32) -> Result<Generated, TlsError> {
+        let leaf = CertificateParams::new(Vec::<String>::new())?;
+        self.sign(leaf, common_name, ExtendedKeyUsagePurpose::ClientAuth, days)
+    }
+
+    fn sign(
+        &self,
+        mut leaf: CertificateParams,
+        common_name: &str,
+        usage: ExtendedKeyUsagePurpose,
+        days: u32,
+    ) -> Result<Generated, TlsError> {
+        leaf.distinguished_name
+            .push(DnType::CommonName, common_name);
+        leaf.extended_key_usages = vec![usage];
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        set_validity(&mut leaf, days);
+        let key = KeyPair::generate()?;
+        let cert = leaf.signed_by(&key, &self.issuer)?;
+        Ok(Generated {
+            ca_pem: self.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
 /// Generates a CA and a serving certificate for `sans` (DNS names or IP addresses), valid from
 /// yesterday (to absorb clock skew) for `days`.
 ///
 /// # Errors
 /// When a SAN is not a valid DNS name or the key cannot be generated.
 pub fn generate(sans: &[String], days: u32) -> Result<Generated, TlsError> {
-    let mut leaf = CertificateParams::new(Vec::<String>::new())?;
-    for san in sans {
-        leaf.subject_alt_names.push(match san.parse::<IpAddr>() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(san.clone().try_into()?),
-        });
-    }
-    let name = sans.first().map_or("outpost-webhook", String::as_str);
-    issue(
-        "outpost-webhook CA",
-        leaf,
-        name,
-        ExtendedKeyUsagePurpose::ServerAuth,
-        days,
-    )
+    Ca::new("outpost-webhook CA", days)?.serving(sans, days)
 }
 
 /// A client certificate signed by a new CA, for tests of `--client-ca` and for apiservers that
@@ -330,42 +395,7 @@ pub fn generate(sans: &[String], days: u32) -> Result<Generated, TlsError> {
 /// # Errors
 /// When the key cannot be generated.
 pub fn generate_client(common_name: &str, days: u32) -> Result<Generated, TlsError> {
-    let leaf = CertificateParams::new(Vec::<String>::new())?;
-    let usage = ExtendedKeyUsagePurpose::ClientAuth;
-    issue("outpost-webhook client CA", leaf, common_name, usage, days)
-}
-
-/// Makes a new CA named `ca_name` and signs `leaf` with it.
-fn issue(
-    ca_name: &str,
-    mut leaf: CertificateParams,
-    common_name: &str,
-    usage: ExtendedKeyUsagePurpose,
-    days: u32,
-) -> Result<Generated, TlsError> {
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name.push(DnType::CommonName, ca_name);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    set_validity(&mut ca, days);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-
-    leaf.distinguished_name
-        .push(DnType::CommonName, common_name);
-    leaf.extended_key_usages = vec![usage];
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    set_validity(&mut leaf, days);
-    let key = KeyPair::generate()?;
-    let cert = leaf.signed_by(&key, &ca)?;
-    Ok(Generated {
-        ca_pem: ca.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ca::new("outpost-webhook client CA", days)?.client(common_name, days)
 }
 
 /// Valid from yesterday (to absorb clock skew) until `days` from today, at midnight UTC.

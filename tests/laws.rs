@@ -228,6 +228,21 @@ fn check(policy: &Policy, kind: ObjectKind, object: &Value) -> Result<(), TestCa
         &mutate_object(policy, kind, object),
         "deterministic"
     );
+    // The server reads only the parts of the object the rules use; it must decide the same.
+    let (group, kind_name) = match kind {
+        ObjectKind::Service => ("", "Service"),
+        ObjectKind::Deployment => ("apps", "Deployment"),
+    };
+    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "u", "operation": "CREATE", "object": object,
+        "kind": {"group": group, "version": "v1", "kind": kind_name}}});
+    let (_, via_review, _) =
+        admission::review(policy, &serde_json::to_vec(&review).unwrap()).unwrap();
+    prop_assert_eq!(
+        &via_review,
+        &outcome,
+        "the pruned object decides differently"
+    );
     prop_assert_eq!(outcome.ops.is_empty(), outcome.verdict != Verdict::Patched);
     for w in &outcome.warnings {
         prop_assert!(w.chars().count() <= 120);

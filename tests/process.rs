@@ -7,107 +7,13 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader},
     os::unix::fs::PermissionsExt as _,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Http1, TempDir, apply_answer, golden_reviews, health_get};
+use common::{BIN, Http1, TempDir, apply_answer, certs_into, golden_reviews, health_get, serve};
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_outpost-webhook");
-
-fn certs_into(dir: &TempDir) {
-    let out = Command::new(BIN)
-        .args([
-            "certs",
-            "--service",
-            "outpost-webhook",
-            "--namespace",
-            "outpost-webhook",
-        ])
-        .args(["--san", "127.0.0.1", "--out"])
-        .arg(&dir.0)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Served {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-    addr: std::net::SocketAddr,
-    health: std::net::SocketAddr,
-}
-
-impl Served {
-    /// The next log line, within `limit`.
-    fn next_line(&mut self, limit: Duration) -> Option<String> {
-        let line = self.lines.recv_timeout(limit).ok()?;
-        self.log.push(line.clone());
-        Some(line)
-    }
-}
-
-fn serve(dir: &TempDir, extra: &[&str]) -> Served {
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--health-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--drain-seconds", "1"])
-        .arg("--tls-cert")
-        .arg(dir.0.join("tls.crt"))
-        .arg("--tls-key")
-        .arg(dir.0.join("tls.key"))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut served = Served {
-        child,
-        lines,
-        log: Vec::new(),
-        addr: "0.0.0.0:0".parse().unwrap(),
-        health: "0.0.0.0:0".parse().unwrap(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let Some(line) = served.next_line(Duration::from_secs(10)) else {
-            break;
-        };
-        let v: Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
-        if v["message"] == "Serving admission on TLS and health on HTTP" {
-            served.addr = v["addr"].as_str().unwrap().parse().unwrap();
-            served.health = v["health_addr"].as_str().unwrap().parse().unwrap();
-            return served;
-        }
-    }
-    let _ = served.child.kill();
-    panic!("the server did not start:\n{}", served.log.join("\n"));
-}
 
 #[test]
 fn certs_writes_a_ca_a_certificate_for_every_service_name_and_a_private_key() {
@@ -294,4 +200,54 @@ fn secret_values_never_reach_the_logs_even_at_trace() {
             "{secret} leaked into the logs:\n{all}"
         );
     }
+}
+
+#[test]
+fn a_bad_certificate_or_policy_at_start_exits_non_zero_naming_the_file() {
+    let dir = TempDir::new("bad-start");
+    certs_into(&dir);
+    std::fs::write(dir.0.join("garbage.crt"), "not a certificate").unwrap();
+    std::fs::write(
+        dir.0.join("bad.yaml"),
+        "rules:\n  - deployment:\n      replicas: many\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args([
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--health-addr",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .current_dir(&dir.0)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(
+        run(&["--tls-cert", "garbage.crt", "--tls-key", "tls.key"]),
+        "error: garbage.crt: no PEM CERTIFICATE block"
+    );
+    assert_eq!(
+        run(&["--tls-cert", "missing.crt", "--tls-key", "tls.key"]),
+        "error: missing.crt: cannot read: No such file or directory (os error 2)"
+    );
+    let policy = run(&[
+        "--tls-cert",
+        "tls.crt",
+        "--tls-key",
+        "tls.key",
+        "--policy",
+        "bad.yaml",
+    ]);
+    assert!(policy.starts_with("error: bad.yaml: "), "{policy}");
+    assert!(policy.contains("replicas"), "{policy}");
 }

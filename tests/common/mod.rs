@@ -9,10 +9,12 @@
 )]
 
 use std::{
+    io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
+    process::{Child, Command, Stdio},
+    sync::{Arc, mpsc},
+    time::{Duration, Instant},
 };
 
 use base64::Engine as _;
@@ -115,8 +117,12 @@ impl TestServer {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_certs(certs(), adjust).await
+    }
+
+    /// A server whose certificate is `g`, in a Secret-volume layout under `self.dir`.
+    pub async fn start_with_certs(g: tls::Generated, adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = TempDir::new("server");
-        let g = certs();
         write_secret_volume(&dir.0, 1, &g.cert_pem, &g.key_pem);
         let mut config = Config {
             settings: settings(),
@@ -360,4 +366,224 @@ pub fn review_for(uid: &str, operation: &str, object: &Value, old: Option<&Value
             "dryRun": false,
         }
     })
+}
+
+// ---- The binary, as a pod runs it ----
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_outpost-webhook");
+
+pub fn certs_into(dir: &TempDir) {
+    let out = Command::new(BIN)
+        .args([
+            "certs",
+            "--service",
+            "outpost-webhook",
+            "--namespace",
+            "outpost-webhook",
+        ])
+        .args(["--san", "127.0.0.1", "--out"])
+        .arg(&dir.0)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub struct Served {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+    pub log: Vec<String>,
+    pub addr: std::net::SocketAddr,
+    pub health: std::net::SocketAddr,
+}
+
+impl Served {
+    /// The next log line, within `limit`.
+    pub fn next_line(&mut self, limit: Duration) -> Option<String> {
+        let line = self.lines.recv_timeout(limit).ok()?;
+        self.log.push(line.clone());
+        Some(line)
+    }
+}
+
+pub fn serve(dir: &TempDir, extra: &[&str]) -> Served {
+    serve_with(Command::new(BIN), dir, extra)
+}
+
+/// As [`serve`], from a prepared command (a wrapper such as `unshare`, or environment).
+pub fn serve_with(mut command: Command, dir: &TempDir, extra: &[&str]) -> Served {
+    let mut child = command
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--health-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-format", "json", "--drain-seconds", "1"])
+        .arg("--tls-cert")
+        .arg(dir.0.join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.0.join("tls.key"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut served = Served {
+        child,
+        lines,
+        log: Vec::new(),
+        addr: "0.0.0.0:0".parse().unwrap(),
+        health: "0.0.0.0:0".parse().unwrap(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let Some(line) = served.next_line(Duration::from_secs(10)) else {
+            break;
+        };
+        let v: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+        if v["message"] == "Serving admission on TLS and health on HTTP" {
+            served.addr = v["addr"].as_str().unwrap().parse().unwrap();
+            served.health = v["health_addr"].as_str().unwrap().parse().unwrap();
+            return served;
+        }
+    }
+    let _ = served.child.kill();
+    panic!("the server did not start:\n{}", served.log.join("\n"));
+}
+
+// ---- Load: clients that behave as the apiserver, counting every failure ----
+
+/// One request sent under load: when it was sent, and what went wrong, if anything.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub at: Instant,
+    pub failure: Option<String>,
+}
+
+/// Clients posting a review over keep-alive connections until stopped, reconnecting every
+/// `reconnect_every` requests so new connections see what the server serves now. A client that
+/// retries nothing, like the apiserver: every error is recorded.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Sent>>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, ca_pem: &str, clients: usize, reconnect_every: usize) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let review = golden_reviews()
+            .into_iter()
+            .find(|(n, _)| n == "embedded-deployment-create")
+            .unwrap()
+            .1;
+        let tasks = (0..clients)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                let config = client_config(ca_pem, &[b"http/1.1"], None);
+                let review = review.clone();
+                tokio::spawn(async move {
+                    let mut sent = Vec::new();
+                    // Bounded in count as well as by the stop flag.
+                    'connections: while sent.len() < 200_000
+                        && !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        let at = Instant::now();
+                        let tls = match tls_connect(addr, Arc::clone(&config)).await {
+                            Ok(tls) => tls,
+                            Err(e) => {
+                                sent.push(Sent {
+                                    at,
+                                    failure: Some(format!("connect: {e}")),
+                                });
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                continue;
+                            }
+                        };
+                        let Ok((mut sender, conn)) =
+                            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await
+                        else {
+                            sent.push(Sent {
+                                at,
+                                failure: Some("http handshake".into()),
+                            });
+                            continue;
+                        };
+                        tokio::spawn(conn);
+                        for _ in 0..reconnect_every {
+                            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                break 'connections;
+                            }
+                            let at = Instant::now();
+                            let failure = match sender.send_request(review_request(&review)).await {
+                                Ok(resp) => {
+                                    let (status, answer) = read_json(resp).await;
+                                    if status == 200 && answer["response"]["patch"].is_string() {
+                                        None
+                                    } else {
+                                        Some(format!("status {status}: {answer}"))
+                                    }
+                                }
+                                Err(e) => Some(format!("request: {e}")),
+                            };
+                            let broken = failure.is_some();
+                            sent.push(Sent { at, failure });
+                            if broken {
+                                continue 'connections;
+                            }
+                        }
+                    }
+                    sent
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops the clients and returns everything they sent.
+    pub async fn finish(self) -> Vec<Sent> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.extend(
+                tokio::time::timeout(Duration::from_secs(20), t)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        all
+    }
+}
+
+/// Asserts that nothing failed, and that there was load to speak of.
+pub fn assert_no_failures(sent: &[Sent], at_least: usize) {
+    let failures: Vec<&String> = sent.iter().filter_map(|s| s.failure.as_ref()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed, first: {:?}",
+        failures.len(),
+        sent.len(),
+        failures.first()
+    );
+    assert!(
+        sent.len() >= at_least,
+        "only {} requests were sent",
+        sent.len()
+    );
 }

@@ -1,0 +1,476 @@
+//! Faults and hostile input, against a real server on 127.0.0.1 (in-process, or the binary where
+//! the process itself is under test). "Failed" means what an apiserver would see: a non-200
+//! answer or a connection error, with no retry. Every test is bounded in time and count.
+
+// A failing test should panic with the value that failed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::{
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::{
+    BIN, Http1, Load, TempDir, TestServer, apply_answer, assert_no_failures, certs_into,
+    golden_reviews, health_get, serve, serve_with,
+};
+use outpost_webhook::{metrics::Reloaded, tls::Ca};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+fn sans() -> Vec<String> {
+    let mut sans = outpost_webhook::tls::service_dns_names("outpost-webhook", "outpost-webhook");
+    sans.push("127.0.0.1".into());
+    sans
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_certificate_ten_times_under_load_fails_no_request() {
+    let ca = Ca::new("rotation CA", 1).unwrap();
+    let server = TestServer::start_with_certs(ca.serving(&sans(), 1).unwrap(), |_| {}).await;
+    let app = Arc::clone(&server.running.app);
+    let load = Load::start(server.addr(), &ca.pem(), 4, 10);
+    for generation in 2..=11 {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let g = ca.serving(&sans(), 1).unwrap();
+        common::write_secret_volume(&server.dir.0, generation, &g.cert_pem, &g.key_pem);
+        app.reload();
+    }
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let sent = load.finish().await;
+    assert_no_failures(&sent, 100);
+    assert_eq!(app.metrics.reloads(Reloaded::Certificate), (10, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_certificate_written_under_load_is_refused_and_the_old_one_serves() {
+    let ca = Ca::new("CA", 1).unwrap();
+    let server = TestServer::start_with_certs(ca.serving(&sans(), 1).unwrap(), |_| {}).await;
+    let app = Arc::clone(&server.running.app);
+    let load = Load::start(server.addr(), &ca.pem(), 4, 5);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let good_key = std::fs::read_to_string(server.dir.0.join("tls.key")).unwrap();
+    common::write_secret_volume(
+        &server.dir.0,
+        2,
+        "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+        &good_key,
+    );
+    app.reload();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let sent = load.finish().await;
+    assert_no_failures(&sent, 50);
+    assert_eq!(app.metrics.reloads(Reloaded::Certificate), (0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_policy_written_under_load_is_refused_and_the_old_one_stays() {
+    let dir = TempDir::new("policy-fault");
+    let policy = dir.0.join("policy.yaml");
+    std::fs::write(&policy, "rules: [{deployment: {replicas: 3}}]").unwrap();
+    let path = policy.clone();
+    let server = TestServer::start_with(|c| c.policy = Some(path)).await;
+    let app = Arc::clone(&server.running.app);
+    let load = Load::start(server.addr(), &server.ca_pem, 4, 10);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    std::fs::write(&policy, "rules: [{deployment: {replicas: 3, replica: 4}}]").unwrap();
+    app.reload();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let sent = load.finish().await;
+    assert_no_failures(&sent, 50);
+    assert_eq!(app.metrics.reloads(Reloaded::Policy), (0, 1));
+    let review = golden_reviews()
+        .into_iter()
+        .find(|(n, _)| n == "embedded-deployment-create")
+        .unwrap()
+        .1;
+    let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
+    let (_, answer) = client.review(&review).await;
+    assert_eq!(apply_answer(&review, &answer)["spec"]["replicas"], 3);
+}
+
+#[test]
+fn sigterm_under_load_turns_readiness_first_and_exits_zero_within_the_drain() {
+    let dir = TempDir::new("sigterm-load");
+    certs_into(&dir);
+    let ca = std::fs::read_to_string(dir.0.join("ca.crt")).unwrap();
+    let mut served = serve(&dir, &[]); // --drain-seconds 1
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (sent, turned) = runtime.block_on(async {
+        let load = Load::start(served.addr, &ca, 4, 1_000);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &served.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let turned = loop {
+            if health_get(served.health, "/readyz").await.0 == 503 {
+                break Instant::now();
+            }
+            assert!(Instant::now() < deadline, "/readyz did not turn");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        // Keep loading through the drain, until the listener closes.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        (load.finish().await, turned)
+    });
+    let before: Vec<_> = sent.iter().filter(|s| s.at < turned).cloned().collect();
+    assert_no_failures(&before, 100);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let status = loop {
+        if let Some(status) = served.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit within the drain");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_slow_clients_do_not_keep_a_normal_one_waiting() {
+    let server = TestServer::start_with(|c| c.settings.max_connections = 1000).await;
+    let config = common::client_config(&server.ca_pem, &[b"http/1.1"], None);
+    let mut slow = Vec::new();
+    for _ in 0..500 {
+        let config = Arc::clone(&config);
+        let addr = server.addr();
+        slow.push(tokio::spawn(async move {
+            let Ok(mut tls) = common::tls_connect(addr, config).await else {
+                return;
+            };
+            // One byte of headers a second, for at most 5 s.
+            for byte in b"POST /mu".iter().take(5) {
+                if tls.write_all(&[*byte]).await.is_err() || tls.flush().await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let review = golden_reviews().remove(0).1;
+    let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let (status, _) = tokio::time::timeout(Duration::from_secs(10), client.review(&review))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a normal request took {:?}",
+            started.elapsed()
+        );
+    }
+    let (_, metrics) = health_get(server.running.health_addr, "/metrics").await;
+    let open: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_webhook_connections_open "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(open >= 400, "the slow clients were connected: {open}");
+    for task in slow {
+        task.abort();
+    }
+}
+
+#[test]
+fn two_thousand_connections_at_once_are_served_or_refused_cleanly() {
+    let dir = TempDir::new("c2000");
+    certs_into(&dir);
+    let ca = std::fs::read_to_string(dir.0.join("ca.crt")).unwrap();
+    let mut served = serve(&dir, &["--max-connections", "500"]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let review = golden_reviews().remove(0).1;
+        let config = common::client_config(&ca, &[b"http/1.1"], None);
+        let all_tried = Arc::new(tokio::sync::Barrier::new(2000));
+        let mut tasks = Vec::new();
+        for _ in 0..2000 {
+            let (config, review, all_tried) =
+                (Arc::clone(&config), review.clone(), Arc::clone(&all_tried));
+            let addr = served.addr;
+            tasks.push(tokio::spawn(async move {
+                let outcome = async {
+                    let tls = common::tls_connect(addr, config)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let (mut sender, conn) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    tokio::spawn(conn);
+                    let resp = sender
+                        .send_request(common::review_request(&review))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((resp.status().as_u16(), sender))
+                };
+                let result = tokio::time::timeout(Duration::from_secs(20), outcome).await;
+                // Hold the connection until every client has tried, so they are all open at once.
+                all_tried.wait().await;
+                let result = result.expect("a connection hung instead of being served or refused");
+                result.map(|(status, _sender)| status)
+            }));
+        }
+        let (mut served_ok, mut refused) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(200) => served_ok += 1,
+                Ok(other) => panic!("answered {other}"),
+                Err(_) => refused += 1,
+            }
+        }
+        assert_eq!(served_ok + refused, 2000);
+        assert!(served_ok >= 400, "served {served_ok}");
+        assert!(refused >= 1000, "refused {refused}: the limit did not hold");
+        // The server is still there and serving.
+        let mut client = Http1::connect(served.addr, &ca).await;
+        assert_eq!(client.review(&review).await.0, 200);
+        let (_, metrics) = health_get(served.health, "/metrics").await;
+        assert!(
+            !metrics.contains("outpost_webhook_connections_refused_total 0\n"),
+            "{metrics}"
+        );
+    });
+    assert!(
+        served.child.try_wait().unwrap().is_none(),
+        "the server died"
+    );
+    served.child.kill().unwrap();
+    let _ = served.child.wait();
+}
+
+/// Sends raw bytes as the body with the given Content-Length (or chunked when `None`), over a
+/// fresh TLS connection; returns the status the server answered, if any.
+async fn post_raw(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    body: Vec<u8>,
+    declared: Option<usize>,
+) -> (u16, Value) {
+    let config = common::client_config(ca, &[b"http/1.1"], None);
+    let tls = common::tls_connect(addr, config).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let mut req =
+        hyper::Request::post("/mutate?timeout=10s").header("content-type", "application/json");
+    if let Some(len) = declared {
+        req = req.header("content-length", len);
+    }
+    let req = req.body(common::ChannelBody(rx)).unwrap();
+    // Feed the body in 1 MiB pieces; stop when the server has answered.
+    let feeder = tokio::spawn(async move {
+        for chunk in body.chunks(1 << 20) {
+            if tx.send(bytes::Bytes::copy_from_slice(chunk)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let resp = tokio::time::timeout(Duration::from_secs(20), sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    feeder.abort();
+    common::read_json(resp).await
+}
+
+#[test]
+fn bodies_of_every_size_and_shape_get_a_clear_answer_and_memory_stays_bounded() {
+    let dir = TempDir::new("bodies");
+    certs_into(&dir);
+    let ca = std::fs::read_to_string(dir.0.join("ca.crt")).unwrap();
+    let mut served = serve(&dir, &[]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let addr = served.addr;
+        let review = golden_reviews().into_iter().find(|(n, _)| n == "embedded-service-create").unwrap().1;
+        let bytes = serde_json::to_vec(&review).unwrap();
+        let reason = |(status, body): (u16, Value)| (status, body["reason"].as_str().unwrap_or("").to_owned());
+
+        assert_eq!(reason(post_raw(addr, &ca, vec![], Some(0)).await), (400, "not_json".into()));
+        assert_eq!(reason(post_raw(addr, &ca, b"{".to_vec(), Some(1)).await), (400, "not_json".into()));
+        let truncated = bytes[..bytes.len() / 2].to_vec();
+        let n = truncated.len();
+        assert_eq!(reason(post_raw(addr, &ca, truncated, Some(n)).await), (400, "not_json".into()));
+        let mut invalid = bytes.clone();
+        let at = invalid.iter().position(|b| *b == b'u').unwrap(); // inside "uid"
+        invalid[at] = 0xff;
+        let n = invalid.len();
+        assert_eq!(reason(post_raw(addr, &ca, invalid, Some(n)).await), (400, "not_json".into()));
+        // 10,000 levels of nesting: refused by the parser's depth limit, not by a stack overflow.
+        let deep = format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"u","kind":{{"group":"","version":"v1","kind":"Service"}},"operation":"CREATE","object":{}{}}}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        let n = deep.len();
+        let (status, body) = post_raw(addr, &ca, deep.into_bytes(), Some(n)).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body["message"].as_str().unwrap().contains("recursion limit"), "{body}");
+
+        // 4 MiB (an UPDATE of a large object): accepted and patched.
+        let mut big = review.clone();
+        big["request"]["object"]["metadata"]["annotations"] = json!({"example.com/big": "x".repeat(4 << 20)});
+        let big_bytes = serde_json::to_vec(&big).unwrap();
+        assert!(big_bytes.len() > 4 << 20);
+        let n = big_bytes.len();
+        let (status, answer) = post_raw(addr, &ca, big_bytes, Some(n)).await;
+        assert_eq!(status, 200);
+        apply_answer(&big, &answer);
+
+        // 64 MiB declared: refused at once, without reading it.
+        let started = Instant::now();
+        let huge = vec![b' '; 64 << 20];
+        assert_eq!(reason(post_raw(addr, &ca, huge.clone(), Some(64 << 20)).await), (413, "body_too_large".into()));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // 64 MiB chunked, with no length declared: refused once the limit is passed.
+        assert_eq!(reason(post_raw(addr, &ca, huge, None).await), (413, "body_too_large".into()));
+
+        let mut client = Http1::connect(addr, &ca).await;
+        assert_eq!(client.review(&review).await.0, 200);
+    });
+    // Nothing near 64 MiB was held: the 4 MiB body and its parse are the peak.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", served.child.id())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(hwm_kib < 48 * 1024, "peak RSS {hwm_kib} KiB");
+    served.child.kill().unwrap();
+    let _ = served.child.wait();
+}
+
+/// A minimal `ClientHello` offering only `version` (no `supported_versions` extension), as a
+/// TLS 1.0 or 1.1 client sends.
+fn old_client_hello(version: [u8; 2]) -> Vec<u8> {
+    let mut body = version.to_vec();
+    body.extend([7u8; 32]); // random
+    body.push(0); // session id
+    body.extend([0, 4, 0x00, 0x2f, 0x00, 0x35]); // TLS_RSA_WITH_AES_{128,256}_CBC_SHA
+    body.extend([1, 0]); // no compression
+    let mut hs = vec![1, 0, 0, u8::try_from(body.len()).unwrap()];
+    hs.extend(body);
+    let mut record = vec![0x16, 3, 1, 0, u8::try_from(hs.len()).unwrap()];
+    record.extend(hs);
+    record
+}
+
+#[tokio::test]
+async fn garbage_and_old_tls_versions_are_refused_and_the_server_keeps_serving() {
+    let server = TestServer::start().await;
+    for (what, bytes) in [
+        (
+            "plain HTTP",
+            b"POST /mutate HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        ("TLS 1.0", old_client_hello([3, 1])),
+        ("TLS 1.1", old_client_hello([3, 2])),
+        ("random bytes", (0u8..=255).cycle().take(1024).collect()),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+        tcp.write_all(&bytes).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "{what}: the connection was not closed");
+        // Nothing but, at most, a TLS alert record comes back.
+        assert!(
+            answer.is_empty() || answer[0] == 0x15,
+            "{what}: answered {answer:?}"
+        );
+        if what.starts_with("TLS 1.") {
+            assert_eq!(
+                answer.first(),
+                Some(&0x15),
+                "{what}: expected a protocol_version alert"
+            );
+        }
+    }
+    let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
+    assert_eq!(client.review(&golden_reviews().remove(0).1).await.0, 200);
+    let (_, metrics) = health_get(server.running.health_addr, "/metrics").await;
+    assert!(
+        metrics.contains("outpost_webhook_tls_handshake_failures_total 4"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn runs_on_a_read_only_filesystem_with_no_writable_home() {
+    let dir = TempDir::new("readonly");
+    certs_into(&dir);
+    let ca = std::fs::read_to_string(dir.0.join("ca.crt")).unwrap();
+    let ro = dir.0.join("ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    // A private mount namespace in which `/` (and so the certificate files) and the process's
+    // only temporary directory and home are read-only.
+    let script = format!(
+        "set -e; mount -t tmpfs -o ro tmpfs '{ro}'; mount --make-rprivate /; \
+         mount -o remount,bind,ro /; for m in /tmp /var/tmp /root; do mountpoint -q $m && mount -o remount,bind,ro $m || true; done; \
+         touch '{ro}/probe' 2>/dev/null && exit 90; touch /probe 2>/dev/null && exit 91; \
+         exec env -i HOME='{ro}' TMPDIR='{ro}' \"$0\" \"$@\"",
+        ro = ro.display()
+    );
+    let mut command = Command::new("unshare");
+    command.args(["-m", "sh", "-c", &script, BIN]);
+    let mut served = serve_with(command, &dir, &[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = Http1::connect(served.addr, &ca).await;
+        let review = golden_reviews()
+            .into_iter()
+            .find(|(n, _)| n == "embedded-service-create")
+            .unwrap()
+            .1;
+        let (status, answer) = client.review(&review).await;
+        assert_eq!(status, 200);
+        apply_answer(&review, &answer);
+        assert_eq!(health_get(served.health, "/readyz").await.0, 200);
+    });
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &served.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = served.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}\n{}", served.log.join("\n"));
+}
