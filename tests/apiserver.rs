@@ -80,11 +80,7 @@ async fn create_and_update_of_the_embedded_service_select_the_outpost_pods() {
 async fn dry_run_gets_the_same_answer() {
     let server = TestServer::start().await;
     let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
-    let reviews = golden_reviews();
-    let (_, wet) = reviews
-        .iter()
-        .find(|(n, _)| n == "embedded-service-create")
-        .unwrap();
+    let wet = &common::golden_review("embedded-service-create");
     let mut dry = wet.clone();
     dry["request"]["dryRun"] = json!(true);
     let (_, a) = client.review(wet).await;
@@ -106,9 +102,8 @@ async fn http2_through_alpn_with_concurrent_streams() {
     .await
     .unwrap();
     tokio::spawn(conn);
-    let reviews = golden_reviews();
     let mut tasks = Vec::new();
-    for (name, review) in reviews.into_iter().take(8) {
+    for (name, review) in golden_reviews().into_iter().take(8) {
         let mut sender = sender.clone();
         tasks.push(tokio::spawn(async move {
             let mut req = review_request(&review);
@@ -214,11 +209,7 @@ async fn a_new_policy_is_used_from_the_next_request_and_a_bad_one_is_refused() {
     let server = TestServer::start_with(|c| c.policy = Some(path)).await;
     let app = &server.running.app;
     let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
-    let reviews = golden_reviews();
-    let (_, review) = reviews
-        .iter()
-        .find(|(n, _)| n == "embedded-deployment-create")
-        .unwrap();
+    let review = &common::golden_review("embedded-deployment-create");
     let replicas = |answer: &Value| apply_answer(review, answer)["spec"]["replicas"].clone();
 
     let (_, answer) = client.review(review).await;

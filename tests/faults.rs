@@ -82,11 +82,7 @@ async fn a_broken_policy_written_under_load_is_refused_and_the_old_one_stays() {
     let sent = load.finish().await;
     assert_no_failures(&sent, 50);
     assert_eq!(app.metrics.reloads(Reloaded::Policy), (0, 1));
-    let review = golden_reviews()
-        .into_iter()
-        .find(|(n, _)| n == "embedded-deployment-create")
-        .unwrap()
-        .1;
+    let review = common::golden_review("embedded-deployment-create");
     let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
     let (_, answer) = client.review(&review).await;
     assert_eq!(apply_answer(&review, &answer)["spec"]["replicas"], 3);
@@ -106,13 +102,7 @@ fn sigterm_under_load_turns_readiness_first_and_exits_zero_within_the_drain() {
     let (sent, turned) = runtime.block_on(async {
         let load = Load::start(served.addr, &ca, 4, 1_000);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &served.child.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
+        served.sigterm();
         let deadline = Instant::now() + Duration::from_secs(1);
         let turned = loop {
             if health_get(served.health, "/readyz").await.0 == 503 {
@@ -127,14 +117,7 @@ fn sigterm_under_load_turns_readiness_first_and_exits_zero_within_the_drain() {
     });
     let before: Vec<_> = sent.iter().filter(|s| s.at < turned).cloned().collect();
     assert_no_failures(&before, 100);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let status = loop {
-        if let Some(status) = served.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "no exit within the drain");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = served.wait_exit(Duration::from_secs(3));
     assert!(status.success(), "{status}");
 }
 
@@ -309,7 +292,7 @@ fn bodies_of_every_size_and_shape_get_a_clear_answer_and_memory_stays_bounded() 
         .unwrap();
     runtime.block_on(async {
         let addr = served.addr;
-        let review = golden_reviews().into_iter().find(|(n, _)| n == "embedded-service-create").unwrap().1;
+        let review = common::golden_review("embedded-service-create");
         let bytes = serde_json::to_vec(&review).unwrap();
         let reason = |(status, body): (u16, Value)| (status, body["reason"].as_str().unwrap_or("").to_owned());
 
@@ -447,30 +430,13 @@ fn runs_on_a_read_only_filesystem_with_no_writable_home() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut client = Http1::connect(served.addr, &ca).await;
-        let review = golden_reviews()
-            .into_iter()
-            .find(|(n, _)| n == "embedded-service-create")
-            .unwrap()
-            .1;
+        let review = common::golden_review("embedded-service-create");
         let (status, answer) = client.review(&review).await;
         assert_eq!(status, 200);
         apply_answer(&review, &answer);
         assert_eq!(health_get(served.health, "/readyz").await.0, 200);
     });
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &served.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(s) = served.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    served.sigterm();
+    let status = served.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "{status}\n{}", served.log.join("\n"));
 }

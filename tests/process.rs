@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BIN, Http1, TempDir, apply_answer, certs_into, golden_reviews, health_get, serve};
+use common::{BIN, Http1, TempDir, apply_answer, certs_into, health_get, serve};
 use serde_json::{Value, json};
 
 #[test]
@@ -78,11 +78,7 @@ fn sigterm_fails_readiness_keeps_serving_through_the_drain_and_exits_zero() {
     let mut served = serve(&dir, &[]);
     runtime.block_on(async {
         let mut client = Http1::connect(served.addr, &ca).await;
-        let review = golden_reviews()
-            .into_iter()
-            .find(|(n, _)| n == "embedded-service-create")
-            .unwrap()
-            .1;
+        let review = common::golden_review("embedded-service-create");
         let (status, answer) = client.review(&review).await;
         assert_eq!(status, 200);
         apply_answer(&review, &answer);
@@ -110,11 +106,7 @@ fn sigterm_fails_readiness_keeps_serving_through_the_drain_and_exits_zero() {
         let in_flight = tokio::spawn(async move { sender.send_request(req).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
 
-        let kill = Command::new("kill")
-            .args(["-TERM", &served.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(kill.success());
+        served.sigterm();
         // Readiness turns before the listener closes, and requests are still answered.
         let deadline = Instant::now() + Duration::from_millis(900);
         loop {
@@ -132,14 +124,7 @@ fn sigterm_fails_readiness_keeps_serving_through_the_drain_and_exits_zero() {
         assert_eq!(status, 200, "the request in flight at SIGTERM completes");
         apply_answer(&review, &answer);
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = served.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = served.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");
     while served.next_line(Duration::from_millis(200)).is_some() {}
     let messages: Vec<Value> = served
@@ -175,11 +160,7 @@ fn secret_values_never_reach_the_logs_even_at_trace() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut client = Http1::connect(served.addr, &ca).await;
-        let mut review = golden_reviews()
-            .into_iter()
-            .find(|(n, _)| n == "embedded-deployment-create")
-            .unwrap()
-            .1;
+        let mut review = common::golden_review("embedded-deployment-create");
         review["request"]["object"]["spec"]["template"]["spec"]["containers"][0]["env"]
             .as_array_mut()
             .unwrap()

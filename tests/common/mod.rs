@@ -277,6 +277,15 @@ pub fn golden_reviews() -> Vec<(String, Value)> {
     out
 }
 
+/// One golden case's review, by name.
+pub fn golden_review(name: &str) -> Value {
+    golden_reviews()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no golden case {name}"))
+        .1
+}
+
 /// A plain HTTP/1.1 GET on the health port.
 pub async fn health_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let tcp = TcpStream::connect(addr).await.unwrap();
@@ -401,6 +410,27 @@ pub struct Served {
 }
 
 impl Served {
+    /// Sends SIGTERM, as the kubelet does.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The next log line, within `limit`.
     pub fn next_line(&mut self, limit: Duration) -> Option<String> {
         let line = self.lines.recv_timeout(limit).ok()?;
