@@ -342,6 +342,13 @@ impl<'de> serde::de::Visitor<'de> for PrunedVisitor<'_> {
         let mut out = serde_json::Map::new();
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             match keys.iter().find(|(k, _)| *k == key) {
+                // A second copy of a member the rules read could disagree with the first about
+                // which outpost this is; the apiserver never writes one, so refuse it.
+                Some(_) if out.contains_key(key.as_ref()) => {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "duplicate key `{key}` in the object"
+                    )));
+                }
                 Some((_, keep)) => {
                     let value = map.next_value_seed(Pruned {
                         keep: *keep,
@@ -616,6 +623,19 @@ mod tests {
         let c = containers(&ordered_review(true, "ldap"));
         assert_eq!(c[0]["env"], json!([{"name": "X", "value": "1"}]));
         assert_eq!(c[2], json!({"name": "other"}));
+    }
+
+    #[test]
+    fn duplicate_members_the_rules_read_are_refused() {
+        let body = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u","kind":{"group":"apps","version":"v1","kind":"Deployment"},"operation":"CREATE","object":{"metadata":{"name":"a"},"metadata":{"name":"b"}}}}"#;
+        let e = parse(body.as_bytes()).unwrap_err();
+        assert!(
+            matches!(&e, ReviewError::Shape(m) if m.contains("duplicate key `metadata`")),
+            "{e}"
+        );
+        // Members it does not read may repeat, as serde_json allows.
+        let body = body.replace(r#""metadata":{"name":"b"}"#, r#""status":{},"status":{}"#);
+        assert!(parse(body.as_bytes()).is_ok());
     }
 
     #[test]
