@@ -25,16 +25,22 @@ fn review_of(kind: ObjectKind, object: &Value) -> Vec<u8> {
         ObjectKind::Service => ("", "Service"),
         ObjectKind::Deployment => ("apps", "Deployment"),
     };
-    serde_json::to_vec(&json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+    serde_json::to_vec(
+        &json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {"uid": "u", "operation": "CREATE", "object": object,
-                    "kind": {"group": group, "version": "v1", "kind": name}}}))
+                    "kind": {"group": group, "version": "v1", "kind": name}}}),
+    )
     .unwrap()
 }
 
 /// Checks the laws for `object` (the whole object) as `kind`.
 pub fn check_object(policy: &Policy, kind: ObjectKind, object: &Value) {
     let outcome = mutate_object(policy, kind, object);
-    assert_eq!(outcome, mutate_object(policy, kind, object), "not deterministic");
+    assert_eq!(
+        outcome,
+        mutate_object(policy, kind, object),
+        "not deterministic"
+    );
     for w in &outcome.warnings {
         assert!(w.chars().count() <= 120);
     }

@@ -11,26 +11,89 @@ use outpost_webhook::mutate::ObjectKind;
 use serde_json::{Map, Value};
 
 const KEYS: &[&str] = &[
-    "metadata", "labels", "annotations", "name", "spec", "template", "containers", "env",
-    "value", "valueFrom", "secretKeyRef", "key", "volumes", "volumeMounts", "mountPath",
-    "resources", "limits", "requests", "memory", "cpu", "readinessProbe", "httpGet", "path",
-    "port", "strategy", "type", "rollingUpdate", "maxSurge", "maxUnavailable", "replicas",
-    "selector", "matchLabels", "emptyDir", "medium", "sizeLimit", "ports",
-    "app.kubernetes.io/managed-by", "app.kubernetes.io/name", "app.kubernetes.io/component",
-    "goauthentik.io/outpost-name", "goauthentik.io/outpost-type", "goauthentik.io/outpost-uuid",
-    "outpost-webhook/config-checksum", "AUTHENTIK_POSTGRESQL__HOST", "a~b/c",
+    "metadata",
+    "labels",
+    "annotations",
+    "name",
+    "spec",
+    "template",
+    "containers",
+    "env",
+    "value",
+    "valueFrom",
+    "secretKeyRef",
+    "key",
+    "volumes",
+    "volumeMounts",
+    "mountPath",
+    "resources",
+    "limits",
+    "requests",
+    "memory",
+    "cpu",
+    "readinessProbe",
+    "httpGet",
+    "path",
+    "port",
+    "strategy",
+    "type",
+    "rollingUpdate",
+    "maxSurge",
+    "maxUnavailable",
+    "replicas",
+    "selector",
+    "matchLabels",
+    "emptyDir",
+    "medium",
+    "sizeLimit",
+    "ports",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/component",
+    "goauthentik.io/outpost-name",
+    "goauthentik.io/outpost-type",
+    "goauthentik.io/outpost-uuid",
+    "outpost-webhook/config-checksum",
+    "AUTHENTIK_POSTGRESQL__HOST",
+    "a~b/c",
 ];
 
 const STRINGS: &[&str] = &[
-    "goauthentik.io", "proxy", "ldap", "radius", "rac", "server", "authentik",
-    "authentik-outpost-proxy", "0eecac0797c7443c892505f2f4fe3e47", "goauthentik",
-    "AUTHENTIK_POSTGRESQL__HOST", "AUTHENTIK_POSTGRESQL__PORT", "dshm", "/dev/shm", "Memory",
-    "2Gi", "2048Mi", "128Mi", "100m", "0.1", "2560Mi", "RollingUpdate", "Recreate", "ExternalName",
-    "/outpost.goauthentik.io/ping", "", "x",
+    "goauthentik.io",
+    "proxy",
+    "ldap",
+    "radius",
+    "rac",
+    "server",
+    "authentik",
+    "authentik-outpost-proxy",
+    "0eecac0797c7443c892505f2f4fe3e47",
+    "goauthentik",
+    "AUTHENTIK_POSTGRESQL__HOST",
+    "AUTHENTIK_POSTGRESQL__PORT",
+    "dshm",
+    "/dev/shm",
+    "Memory",
+    "2Gi",
+    "2048Mi",
+    "128Mi",
+    "100m",
+    "0.1",
+    "2560Mi",
+    "RollingUpdate",
+    "Recreate",
+    "ExternalName",
+    "/outpost.goauthentik.io/ping",
+    "",
+    "x",
 ];
 
 fn value(u: &mut Unstructured<'_>, depth: u32) -> Result<Value> {
-    let choice = if depth == 0 { u.int_in_range(0..=4)? } else { u.int_in_range(0..=7)? };
+    let choice = if depth == 0 {
+        u.int_in_range(0..=4)?
+    } else {
+        u.int_in_range(0..=7)?
+    };
     Ok(match choice {
         0 => Value::Null,
         1 => Value::Bool(u.arbitrary()?),
@@ -62,14 +125,22 @@ fn object(u: &mut Unstructured<'_>) -> Result<Value> {
         for (k, v) in [
             ("app.kubernetes.io/managed-by", "goauthentik.io"),
             ("goauthentik.io/outpost-name", "o"),
-            ("goauthentik.io/outpost-uuid", "0eecac0797c7443c892505f2f4fe3e47"),
+            (
+                "goauthentik.io/outpost-uuid",
+                "0eecac0797c7443c892505f2f4fe3e47",
+            ),
         ] {
             if u.ratio(15, 16)? {
                 labels.insert(k.into(), v.into());
             }
         }
-        labels.insert("goauthentik.io/outpost-type".into(), (*u.choose(&["proxy", "ldap", "rac"])?).into());
-        let meta = root.entry("metadata").or_insert_with(|| Value::Object(Map::new()));
+        labels.insert(
+            "goauthentik.io/outpost-type".into(),
+            (*u.choose(&["proxy", "ldap", "rac"])?).into(),
+        );
+        let meta = root
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Map::new()));
         if let Value::Object(meta) = meta {
             meta.insert("labels".into(), Value::Object(labels));
         }
@@ -80,7 +151,11 @@ fn object(u: &mut Unstructured<'_>) -> Result<Value> {
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let Ok(object) = object(&mut u) else { return };
-    let kind = if u.arbitrary::<bool>().unwrap_or(false) { ObjectKind::Service } else { ObjectKind::Deployment };
+    let kind = if u.arbitrary::<bool>().unwrap_or(false) {
+        ObjectKind::Service
+    } else {
+        ObjectKind::Deployment
+    };
     for policy in laws::policies() {
         laws::check_object(policy, kind, &object);
     }
