@@ -12,7 +12,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OHA = os.path.join(ROOT, "target/bench-tools/bin/oha")
+OHA = os.environ.get("OHA") or os.path.join(ROOT, "target/bench-tools/bin/oha")
 WEBHOOK = os.path.join(ROOT, "target/release/outpost-webhook")
 FLOOR = os.path.join(ROOT, "target/release/examples/floor")
 CERTS = os.path.join(ROOT, "target/bench/certs")

@@ -13,11 +13,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-5}
 repeats=${2:-3}
 
-oha=target/bench-tools/bin/oha
-if [ ! -x "$oha" ]; then
-  echo "load.sh: building oha 1.16.0 from crates.io (once)" >&2
-  cargo install oha --locked --version 1.16.0 --root target/bench-tools >&2
-fi
+oha=$(scripts/ensure-oha.sh)
 command -v taskset >/dev/null || { echo "load.sh: taskset (util-linux) is needed" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "load.sh: python3 is needed" >&2; exit 1; }
 
@@ -26,4 +22,4 @@ mkdir -p target/bench
 target/release/outpost-webhook certs --service outpost-webhook --namespace outpost-webhook \
   --san 127.0.0.1 --out target/bench/certs >/dev/null
 
-exec python3 bench/load.py "$seconds" "$repeats"
+OHA="$oha" exec python3 bench/load.py "$seconds" "$repeats"

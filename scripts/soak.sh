@@ -8,10 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-600}
 rate=${2:-2000}
-oha=target/bench-tools/bin/oha
-if [ ! -x "$oha" ]; then
-  cargo install oha --locked --version 1.16.0 --root target/bench-tools >&2
-fi
+oha=$(scripts/ensure-oha.sh)
 cargo build --release --locked --bin outpost-webhook >&2
 mkdir -p target/soak
 target/release/outpost-webhook certs --san 127.0.0.1 --out target/soak/certs >/dev/null

@@ -39,22 +39,37 @@ fn sans() -> Vec<String> {
     sans
 }
 
+/// Runs `fault` while 4 clients load `server` (reconnecting every `reconnect_every` requests, so
+/// new connections see what is served now), with load before and after it, and asserts that no
+/// request failed.
+async fn no_request_fails_during(
+    server: &TestServer,
+    ca: &str,
+    reconnect_every: usize,
+    fault: impl AsyncFnOnce(),
+) {
+    let load = Load::start(server.addr(), ca, 4, reconnect_every);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fault().await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_no_failures(&load.finish().await, 50);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_the_certificate_ten_times_under_load_fails_no_request() {
     let _serial = one_at_a_time();
     let ca = Ca::new("rotation CA", 1).unwrap();
     let server = TestServer::start_with_certs(ca.serving(&sans(), 1).unwrap(), |_| {}).await;
     let app = Arc::clone(&server.running.app);
-    let load = Load::start(server.addr(), &ca.pem(), 4, 10);
-    for generation in 2..=11 {
-        tokio::time::sleep(Duration::from_millis(40)).await;
-        let g = ca.serving(&sans(), 1).unwrap();
-        common::write_secret_volume(&server.dir.0, generation, &g.cert_pem, &g.key_pem);
-        app.reload();
-    }
-    tokio::time::sleep(Duration::from_millis(40)).await;
-    let sent = load.finish().await;
-    assert_no_failures(&sent, 100);
+    no_request_fails_during(&server, &ca.pem(), 10, async || {
+        for generation in 2..=11 {
+            let g = ca.serving(&sans(), 1).unwrap();
+            common::write_secret_volume(&server.dir.0, generation, &g.cert_pem, &g.key_pem);
+            app.reload();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    })
+    .await;
     assert_eq!(app.metrics.reloads(Reloaded::Certificate), (10, 0));
 }
 
@@ -64,19 +79,13 @@ async fn a_broken_certificate_written_under_load_is_refused_and_the_old_one_serv
     let ca = Ca::new("CA", 1).unwrap();
     let server = TestServer::start_with_certs(ca.serving(&sans(), 1).unwrap(), |_| {}).await;
     let app = Arc::clone(&server.running.app);
-    let load = Load::start(server.addr(), &ca.pem(), 4, 5);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let good_key = std::fs::read_to_string(server.dir.0.join("tls.key")).unwrap();
-    common::write_secret_volume(
-        &server.dir.0,
-        2,
-        "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
-        &good_key,
-    );
-    app.reload();
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let sent = load.finish().await;
-    assert_no_failures(&sent, 50);
+    no_request_fails_during(&server, &ca.pem(), 5, async || {
+        let good_key = std::fs::read_to_string(server.dir.0.join("tls.key")).unwrap();
+        let garbage = "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n";
+        common::write_secret_volume(&server.dir.0, 2, garbage, &good_key);
+        app.reload();
+    })
+    .await;
     assert_eq!(app.metrics.reloads(Reloaded::Certificate), (0, 1));
 }
 
@@ -89,13 +98,11 @@ async fn a_broken_policy_written_under_load_is_refused_and_the_old_one_stays() {
     let path = policy.clone();
     let server = TestServer::start_with(|c| c.policy = Some(path)).await;
     let app = Arc::clone(&server.running.app);
-    let load = Load::start(server.addr(), &server.ca_pem, 4, 10);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    std::fs::write(&policy, "rules: [{deployment: {replicas: 3, replica: 4}}]").unwrap();
-    app.reload();
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let sent = load.finish().await;
-    assert_no_failures(&sent, 50);
+    no_request_fails_during(&server, &server.ca_pem, 10, async || {
+        std::fs::write(&policy, "rules: [{deployment: {replicas: 3, replica: 4}}]").unwrap();
+        app.reload();
+    })
+    .await;
     assert_eq!(app.metrics.reloads(Reloaded::Policy), (0, 1));
     let review = common::golden_review("embedded-deployment-create");
     let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
@@ -498,14 +505,7 @@ fn runs_on_a_read_only_filesystem_with_no_writable_home() {
     command.args(["-m", "sh", "-c", &script, BIN]);
     let mut served = serve_with(command, &dir, &[]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let mut client = Http1::connect(served.addr, &ca).await;
-        let review = common::golden_review("embedded-service-create");
-        let (status, answer) = client.review(&review).await;
-        assert_eq!(status, 200);
-        apply_answer(&review, &answer);
-        assert_eq!(health_get(served.health, "/readyz").await.0, 200);
-    });
+    runtime.block_on(served.assert_serves(&ca));
     served.sigterm();
     let status = served.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "{status}\n{}", served.log.join("\n"));

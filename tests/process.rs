@@ -77,12 +77,7 @@ fn sigterm_fails_readiness_keeps_serving_through_the_drain_and_exits_zero() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut served = serve(&dir, &[]);
     runtime.block_on(async {
-        let mut client = Http1::connect(served.addr, &ca).await;
-        let review = common::golden_review("embedded-service-create");
-        let (status, answer) = client.review(&review).await;
-        assert_eq!(status, 200);
-        apply_answer(&review, &answer);
-        assert_eq!(health_get(served.health, "/readyz").await.0, 200);
+        let (mut client, review) = served.assert_serves(&ca).await;
 
         // A request whose body is still arriving when SIGTERM comes.
         let body = serde_json::to_vec(&review).unwrap();
@@ -195,13 +190,7 @@ fn a_bad_certificate_or_policy_at_start_exits_non_zero_naming_the_file() {
     .unwrap();
     let run = |args: &[&str]| {
         let out = Command::new(BIN)
-            .args([
-                "serve",
-                "--addr",
-                "127.0.0.1:0",
-                "--health-addr",
-                "127.0.0.1:0",
-            ])
+            .args(common::SERVE_ON_LOOPBACK)
             .args(args)
             .current_dir(&dir.0)
             .output()

@@ -379,6 +379,15 @@ pub fn review_for(uid: &str, operation: &str, object: &Value, old: Option<&Value
 
 // ---- The binary, as a pod runs it ----
 
+/// `serve` on ephemeral loopback ports.
+pub const SERVE_ON_LOOPBACK: [&str; 5] = [
+    "serve",
+    "--addr",
+    "127.0.0.1:0",
+    "--health-addr",
+    "127.0.0.1:0",
+];
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_outpost-webhook");
 
 pub fn certs_into(dir: &TempDir) {
@@ -410,6 +419,18 @@ pub struct Served {
 }
 
 impl Served {
+    /// Answers a review as the apiserver expects and is ready; returns the client and review
+    /// for more.
+    pub async fn assert_serves(&self, ca: &str) -> (Http1, Value) {
+        let mut client = Http1::connect(self.addr, ca).await;
+        let review = golden_review("embedded-service-create");
+        let (status, answer) = client.review(&review).await;
+        assert_eq!(status, 200);
+        apply_answer(&review, &answer);
+        assert_eq!(health_get(self.health, "/readyz").await.0, 200);
+        (client, review)
+    }
+
     /// Sends SIGTERM, as the kubelet does.
     pub fn sigterm(&self) {
         let status = Command::new("kill")
@@ -446,13 +467,7 @@ pub fn serve(dir: &TempDir, extra: &[&str]) -> Served {
 /// As [`serve`], from a prepared command (a wrapper such as `unshare`, or environment).
 pub fn serve_with(mut command: Command, dir: &TempDir, extra: &[&str]) -> Served {
     let mut child = command
-        .args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--health-addr",
-            "127.0.0.1:0",
-        ])
+        .args(SERVE_ON_LOOPBACK)
         .args(["--log-format", "json", "--drain-seconds", "1"])
         .arg("--tls-cert")
         .arg(dir.0.join("tls.crt"))
