@@ -1,10 +1,11 @@
 //! outpost-webhook: a mutating admission webhook that fixes the Services and Deployments
 //! authentik's outpost controller writes.
 //!
-//! The core is pure: a [`policy::Policy`] and an object in, RFC 6902 operations out.
+//! Layers run one way: [`cmd`] and [`serve`] use [`core`]; [`core`] is pure (a
+//! [`core::policy::Policy`] and an object in, RFC 6902 operations out) and uses neither.
 //!
 //! ```
-//! use outpost_webhook::{mutate::{mutate_object, ObjectKind, Verdict}, policy::Policy};
+//! use outpost_webhook::core::{mutate::{mutate_object, ObjectKind, Verdict}, policy::Policy};
 //! use serde_json::json;
 //!
 //! let policy = Policy::builtin()?;
@@ -28,16 +29,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod admission;
-pub mod certs;
-pub mod cli;
-pub mod import;
+pub mod cmd;
+pub mod core;
+pub mod duration;
+pub mod k8s;
 pub mod logging;
-pub mod metrics;
-pub mod mutate;
-pub mod offline;
-pub mod policy;
-pub mod server;
-pub mod state;
-pub mod tls;
-pub mod webhook_config;
+pub mod pki;
+pub mod serve;

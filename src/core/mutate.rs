@@ -7,10 +7,7 @@
 //! removed. The apiserver answers a patch that does not apply with HTTP 500 even under
 //! `failurePolicy: Ignore`, so this matters more than minimality.
 //!
-//! Comparisons are "the policy's value is contained in the object's": the apiserver defaults
-//! fields (a probe's `timeoutSeconds`, a secret volume's `defaultMode`) after every mutation and
-//! canonicalizes quantities (`2048Mi` is stored as `2Gi`), and an exact comparison would re-patch
-//! every UPDATE forever.
+//! Comparisons are "the policy's value is contained in the object's" ([`super::quantity`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -21,16 +18,12 @@ use json_patch::{
 use kube::core::admission::Operation;
 use serde_json::{Map, Value};
 
-use crate::policy::{DeploymentFix, Keyed, Outpost, Policy, SelectorMode};
-
-/// The label that marks objects written by authentik's outpost controller.
-pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-/// Its value.
-pub const MANAGED_BY_AUTHENTIK: &str = "goauthentik.io";
-/// The three labels that identify an outpost.
-pub const OUTPOST_NAME: &str = "goauthentik.io/outpost-name";
-pub const OUTPOST_TYPE: &str = "goauthentik.io/outpost-type";
-pub const OUTPOST_UUID: &str = "goauthentik.io/outpost-uuid";
+use super::{
+    admission::prune::Keep,
+    policy::{DeploymentFix, Keyed, Outpost, Policy, SelectorMode},
+    quantity::{Quantity, covers},
+};
+use crate::k8s::{MANAGED_BY, MANAGED_BY_AUTHENTIK, OUTPOST_NAME, OUTPOST_TYPE, OUTPOST_UUID};
 
 /// kubectl prints admission warnings verbatim; the apiserver truncates long ones.
 pub const MAX_WARNING_CHARS: usize = 120;
@@ -117,6 +110,48 @@ impl Outcome {
         }
     }
 }
+
+/// What the rules read of the outpost container (see [`Keep::Containers`]).
+pub const CONTAINER_READS: Keep = Keep::Keys(&[
+    ("name", Keep::All),
+    ("env", Keep::All),
+    ("volumeMounts", Keep::All),
+    ("resources", Keep::All),
+    ("readinessProbe", Keep::All),
+]);
+
+/// What the Service and Deployment rules below read; [`prune`](crate::core::admission::prune)
+/// builds only this. Change it with the rules. A member kept here is kept
+/// whole wherever presence matters (a `replace` needs the member to exist), and list elements
+/// are kept in place, so indices in the patch are those of the full object.
+pub const READS: Keep = Keep::Keys(&[
+    (
+        "metadata",
+        Keep::Keys(&[("name", Keep::All), ("labels", Keep::Labels)]),
+    ),
+    (
+        "spec",
+        Keep::Keys(&[
+            ("type", Keep::All),
+            ("selector", Keep::All),
+            ("replicas", Keep::All),
+            ("strategy", Keep::All),
+            (
+                "template",
+                Keep::Keys(&[
+                    (
+                        "metadata",
+                        Keep::Keys(&[("labels", Keep::All), ("annotations", Keep::All)]),
+                    ),
+                    (
+                        "spec",
+                        Keep::Keys(&[("containers", Keep::Containers), ("volumes", Keep::All)]),
+                    ),
+                ]),
+            ),
+        ]),
+    ),
+]);
 
 /// Decides what to do with one admission request.
 ///
@@ -513,124 +548,6 @@ fn string_map(entries: &BTreeMap<&str, &str>) -> Value {
     )
 }
 
-/// Where a string is a Kubernetes quantity, which the apiserver stores in canonical form.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Quantity {
-    No,
-    /// The values of this map are quantities (`limits`, `requests`).
-    Values,
-    /// This value is a quantity (`sizeLimit`, `divisor`, or a value under `limits`).
-    Yes,
-}
-
-/// True when every field of `desired` is in `actual` with an equal value. Fields only `actual`
-/// has (apiserver defaults) are allowed; lists must match entry by entry.
-#[must_use]
-fn covers(actual: &Value, desired: &Value, q: Quantity) -> bool {
-    match (desired, actual) {
-        (Value::Object(want), Value::Object(have)) => want.iter().all(|(key, w)| {
-            let child = match key.as_str() {
-                "limits" | "requests" => Quantity::Values,
-                "sizeLimit" | "divisor" => Quantity::Yes,
-                _ if q == Quantity::Values => Quantity::Yes,
-                _ => Quantity::No,
-            };
-            match have.get(key) {
-                Some(h) => covers(h, w, child),
-                None => w.is_null(),
-            }
-        }),
-        (Value::Array(want), Value::Array(have)) => {
-            want.len() == have.len()
-                && want
-                    .iter()
-                    .zip(have)
-                    .all(|(w, h)| covers(h, w, Quantity::No))
-        }
-        (Value::String(w), Value::String(h)) if q == Quantity::Yes => {
-            w == h || quantities_equal(w, h)
-        }
-        _ => desired == actual,
-    }
-}
-
-/// A quantity as `mantissa * 10^ten * 2^two`, exactly.
-#[derive(Debug, PartialEq, Eq)]
-struct Parsed {
-    mantissa: i128,
-    ten: i32,
-    two: i32,
-}
-
-fn parse_quantity(s: &str) -> Option<Parsed> {
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '+' | '-')))
-        .unwrap_or(s.len());
-    let (number, suffix) = s.split_at(split);
-    let (negative, digits) = match number.as_bytes().first() {
-        Some(b'-') => (true, number.get(1..)?),
-        Some(b'+') => (false, number.get(1..)?),
-        _ => (false, number),
-    };
-    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    if int.is_empty() && frac.is_empty() || int.len() + frac.len() > 30 {
-        return None;
-    }
-    let mut mantissa: i128 = 0;
-    for b in int.bytes().chain(frac.bytes()) {
-        if !b.is_ascii_digit() {
-            return None;
-        }
-        mantissa = mantissa * 10 + i128::from(b - b'0');
-    }
-    if negative {
-        mantissa = -mantissa;
-    }
-    let mut ten = -i32::try_from(frac.len()).ok()?;
-    let mut two = 0;
-    match suffix {
-        "" => {}
-        "n" => ten -= 9,
-        "u" => ten -= 6,
-        "m" => ten -= 3,
-        "k" => ten += 3,
-        "M" => ten += 6,
-        "G" => ten += 9,
-        "T" => ten += 12,
-        "P" => ten += 15,
-        "E" => ten += 18,
-        "Ki" => two += 10,
-        "Mi" => two += 20,
-        "Gi" => two += 30,
-        "Ti" => two += 40,
-        "Pi" => two += 50,
-        "Ei" => two += 60,
-        exp => {
-            let e = exp.strip_prefix(['e', 'E'])?;
-            ten += e.parse::<i32>().ok().filter(|e| e.abs() <= 40)?;
-        }
-    }
-    Some(Parsed { mantissa, ten, two })
-}
-
-/// Exact numeric equality of two quantities (`2Gi` == `2048Mi`, `0.5` == `500m`).
-fn quantities_equal(a: &str, b: &str) -> bool {
-    let (Some(a), Some(b)) = (parse_quantity(a), parse_quantity(b)) else {
-        return false;
-    };
-    let scale = |p: &Parsed, ten: i32, two: i32| -> Option<i128> {
-        let t = u32::try_from(p.ten - ten).ok()?;
-        let w = u32::try_from(p.two - two).ok()?;
-        p.mantissa
-            .checked_mul(10_i128.checked_pow(t)?)?
-            .checked_mul(2_i128.checked_pow(w)?)
-    };
-    let (ten, two) = (a.ten.min(b.ten), a.two.min(b.two));
-    match (scale(&a, ten, two), scale(&b, ten, two)) {
-        (Some(x), Some(y)) => x == y,
-        _ => false,
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -672,49 +589,6 @@ mod tests {
             ptr(&["spec", "template", "metadata", "labels", "example.com/a~b"]).as_str(),
             "/spec/template/metadata/labels/example.com~1a~0b"
         );
-    }
-
-    #[test]
-    fn quantities_compare_by_value() {
-        for (a, b) in [
-            ("2Gi", "2048Mi"),
-            ("0.5", "500m"),
-            ("1", "1000m"),
-            ("1k", "1000"),
-            ("1e3", "1k"),
-            ("128Mi", "134217728"),
-            ("100m", "0.1"),
-        ] {
-            assert!(quantities_equal(a, b), "{a} == {b}");
-        }
-        for (a, b) in [
-            ("1Gi", "1G"),
-            ("1", "2"),
-            ("x", "x"),
-            ("1.", "2"),
-            ("", "0"),
-        ] {
-            assert!(!quantities_equal(a, b), "{a} != {b}");
-        }
-    }
-
-    #[test]
-    fn covers_allows_apiserver_defaults_but_not_different_values() {
-        let want = json!({"httpGet": {"path": "/p", "port": 9000}, "periodSeconds": 3});
-        let defaulted = json!({"httpGet": {"path": "/p", "port": 9000, "scheme": "HTTP"},
-            "periodSeconds": 3, "timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3});
-        assert!(covers(&defaulted, &want, Quantity::No));
-        let changed = json!({"httpGet": {"path": "/p", "port": 9001}, "periodSeconds": 3});
-        assert!(!covers(&changed, &want, Quantity::No));
-        let res = json!({"limits": {"memory": "2560Mi"}, "requests": {"cpu": "0.1"}});
-        let stored = json!({"limits": {"memory": "2560Mi"}, "requests": {"cpu": "100m"}});
-        assert!(covers(&stored, &res, Quantity::No));
-        // An env value is not a quantity, even if it looks like one.
-        assert!(!covers(
-            &json!({"name": "A", "value": "1000m"}),
-            &json!({"name": "A", "value": "1"}),
-            Quantity::No
-        ));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The `certs` command: writes a CA and a serving certificate for the webhook's Service.
+//! `outpost-webhook certs`: writes a CA and a serving certificate for the webhook's Service.
 //!
 //! Writes files. Key files are created with mode 0600 before any key byte is written.
 
@@ -9,14 +9,47 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::tls::{self, TlsError};
+use clap::Args;
+
+use crate::pki::{self, PkiError};
+
+/// Flags of `certs`.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// The webhook's Service name.
+    #[arg(long, default_value = "outpost-webhook")]
+    pub service: String,
+    /// The webhook's namespace.
+    #[arg(long, default_value = "outpost-webhook")]
+    pub namespace: String,
+    /// The directory to write to (created if missing). tls.key is written with mode 0600.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// An extra subject alternative name: a DNS name or an IP address (repeatable).
+    #[arg(long = "san", value_name = "NAME|IP")]
+    pub sans: Vec<String>,
+    /// Validity in days.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
+}
+
+/// Runs `certs`: writes the files and says which.
+///
+/// # Errors
+/// When a SAN is invalid or a file cannot be written.
+pub fn execute(args: &CertsArgs) -> Result<(), CertsError> {
+    for path in write(&args.service, &args.namespace, &args.sans, args.days, &args.out)? {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
 
 /// Why certificates could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum CertsError {
     #[error(transparent)]
-    Generate(#[from] TlsError),
-    #[error("cannot write {path}: {source}")]
+    Generate(#[from] PkiError),
+    #[error("cannot write {path}")]
     Write {
         path: String,
         #[source]
@@ -36,9 +69,9 @@ pub fn write(
     days: u32,
     out: &Path,
 ) -> Result<Vec<PathBuf>, CertsError> {
-    let mut sans = tls::service_dns_names(service, namespace);
+    let mut sans = pki::service_dns_names(service, namespace);
     sans.extend(extra_sans.iter().cloned());
-    let generated = tls::generate(&sans, days)?;
+    let generated = pki::generate(&sans, days)?;
     std::fs::create_dir_all(out).map_err(|source| CertsError::Write {
         path: out.display().to_string(),
         source,

@@ -1,15 +1,72 @@
-//! The `mutate` command: run the core on an object or an AdmissionReview read from a file,
+//! `outpost-webhook mutate`: runs the core on an object or an AdmissionReview read from a file,
 //! without a cluster.
 //!
-//! Pure: bytes in, bytes and warnings out. `main` reads the file or stdin and prints.
+//! [`execute`] reads the file (or stdin) and the policy and prints; [`run`] is pure, bytes in,
+//! bytes and warnings out.
 
+use std::{
+    io::{Read as _, Write as _},
+    path::{Path, PathBuf},
+};
+
+use clap::Args;
 use serde_json::{Value, json};
 
-use crate::{
+use super::{Error, load_policy};
+use crate::core::{
     admission::{self, ReviewError},
-    mutate::{Outcome, Verdict},
+    mutate::{ObjectKind, Outcome, Verdict},
+    one_line,
     policy::Policy,
 };
+
+/// Flags of `mutate`.
+#[derive(Debug, Args)]
+pub struct MutateArgs {
+    /// The input file; `-` or nothing reads stdin.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// The policy file; the built-in policy when not given.
+    #[arg(long, value_name = "FILE", env = "OUTPOST_WEBHOOK_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// What to print.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Object)]
+    pub output: Output,
+}
+
+/// Runs `mutate`: prints the result on stdout, warnings and a note on stderr.
+///
+/// # Errors
+/// When the policy or input cannot be read, or the input is not an object it can fix.
+pub fn execute(args: &MutateArgs) -> Result<(), Error> {
+    let policy = load_policy(args.policy.as_deref())?;
+    let input = read_input(args.file.as_deref())?;
+    let result = run(&policy, &input, args.output)?;
+    for w in &result.outcome.warnings {
+        eprintln!("warning: {w}");
+    }
+    if let Some(note) = note(&result.outcome) {
+        eprintln!("{note}");
+    }
+    std::io::stdout()
+        .write_all(result.stdout.as_bytes())
+        .map_err(|source| Error::io("cannot write to stdout", source))
+}
+
+fn read_input(file: Option<&Path>) -> Result<Vec<u8>, Error> {
+    match file {
+        Some(p) if p != Path::new("-") => {
+            std::fs::read(p).map_err(|source| Error::io(format!("cannot read {}", p.display()), source))
+        }
+        _ => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|source| Error::io("cannot read stdin", source))?;
+            Ok(buf)
+        }
+    }
+}
 
 /// What `mutate` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -115,7 +172,7 @@ fn synthesize(object: &Value) -> Result<admission::Request, OfflineError> {
         .unwrap_or("");
     let kind = object.get("kind").and_then(Value::as_str).unwrap_or("");
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    if crate::mutate::ObjectKind::from_gvk(group, version, kind).is_none() {
+    if ObjectKind::from_gvk(group, version, kind).is_none() {
         let found = if kind.is_empty() {
             "document without apiVersion/kind".to_owned()
         } else {
@@ -143,10 +200,6 @@ fn pretty<T: serde::Serialize>(v: &T) -> Result<String, OfflineError> {
     let mut s = serde_json::to_string_pretty(v).map_err(|e| OfflineError::Write(e.to_string()))?;
     s.push('\n');
     Ok(s)
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// A one-line note for stderr when nothing was changed, so an empty diff is not a mystery.

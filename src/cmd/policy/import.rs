@@ -1,4 +1,4 @@
-//! `policy import --from-json-patches`: turns an outpost's `kubernetes_json_patches` (the
+//! `outpost-webhook policy import --from-json-patches`: turns an outpost's `kubernetes_json_patches` (the
 //! per-outpost RFC 6902 patches authentik applies itself) into an outpost-webhook policy.
 //!
 //! Pure: JSON in, policy YAML and a list of what could not be expressed out.
@@ -10,7 +10,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::policy::{Policy, SELECTOR_LABELS};
+use crate::{core::policy::Policy, k8s::SELECTOR_LABELS};
 
 /// Why a patch set could not be imported at all.
 #[derive(Debug, thiserror::Error)]

@@ -1,19 +1,85 @@
-//! The `webhook-config` command: the MutatingWebhookConfiguration of `deploy/base/webhook.yaml`
-//! (compiled in, so the binary and `deploy/` cannot drift), with a CA bundle and a client
-//! config filled in.
+//! `outpost-webhook webhook-config`: the MutatingWebhookConfiguration of
+//! `deploy/base/webhook.yaml` (compiled in, so the binary and `deploy/` cannot drift), with a CA
+//! bundle and a client config filled in.
 //!
-//! Pure: the caller reads the CA file and prints the result.
+//! [`execute`] reads the CA file and prints; [`render`] is pure.
+
+use std::path::PathBuf;
 
 use base64::Engine as _;
+use clap::Args;
 use serde_json::{Map, Value, json};
 
+use super::Error;
+use crate::{
+    core::admission::MUTATE_PATH,
+    k8s::{valid_label_value, valid_qualified_name},
+};
+
+/// Flags of `webhook-config`.
+#[derive(Debug, Args)]
+pub struct WebhookConfigArgs {
+    /// The CA bundle (PEM) the apiserver verifies the webhook with, e.g. `certs`' ca.crt.
+    #[arg(long, value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// The webhook's Service.
+    #[arg(long, default_value = "outpost-webhook", conflicts_with = "url")]
+    pub service: String,
+    /// The webhook's namespace.
+    #[arg(long, default_value = "outpost-webhook", conflicts_with = "url")]
+    pub namespace: String,
+    /// Call the webhook at this `https://` URL instead of a Service (for a local apiserver:
+    /// `https://127.0.0.1:8443/mutate`).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The labels of the namespaces whose outposts are fixed: key=value[,key=value...].
+    /// Default: kubernetes.io/metadata.name=authentik.
+    #[arg(long, value_name = "SELECTOR")]
+    pub namespace_selector: Option<String>,
+    /// Fail (default: a write that skipped the webhook would store the broken selector) or
+    /// Ignore.
+    #[arg(long, value_parser = ["Fail", "Ignore"])]
+    pub failure_policy: Option<String>,
+}
+
+/// Runs `webhook-config`: prints the registration.
+///
+/// # Errors
+/// When the CA bundle cannot be read, or a flag is malformed.
+pub fn execute(args: WebhookConfigArgs) -> Result<(), Error> {
+    let ca_bundle = match &args.ca_bundle {
+        Some(p) => Some(
+            std::fs::read(p)
+                .map_err(|source| Error::io(format!("cannot read {}", p.display()), source))?,
+        ),
+        None => None,
+    };
+    let target = match args.url {
+        Some(url) => Target::Url(url),
+        None => Target::Service {
+            name: args.service,
+            namespace: args.namespace,
+        },
+    };
+    print!(
+        "{}",
+        render(&Options {
+            ca_bundle,
+            target,
+            namespace_selector: args.namespace_selector,
+            failure_policy: args.failure_policy,
+        })?
+    );
+    Ok(())
+}
+
 /// The registration as `deploy/base` ships it.
-pub const WEBHOOK_YAML: &str = include_str!("../deploy/base/webhook.yaml");
+pub const WEBHOOK_YAML: &str = include_str!("../../deploy/base/webhook.yaml");
 
 /// Where the apiserver sends reviews.
 #[derive(Debug, Clone)]
 pub enum Target {
-    /// The in-cluster Service, on port 443 at [`crate::server::MUTATE_PATH`].
+    /// The in-cluster Service, on port 443 at [`MUTATE_PATH`].
     Service { name: String, namespace: String },
     /// A URL, e.g. `https://127.0.0.1:8443/mutate` for a local apiserver.
     Url(String),
@@ -58,7 +124,7 @@ pub fn render(options: &Options) -> Result<String, WebhookConfigError> {
     let client_config = match &options.target {
         Target::Service { name, namespace } => json!({"service": {
             "name": name, "namespace": namespace,
-            "path": crate::server::MUTATE_PATH, "port": 443}}),
+            "path": MUTATE_PATH, "port": 443}}),
         Target::Url(url) if url.starts_with("https://") => json!({"url": url}),
         Target::Url(url) => return Err(WebhookConfigError::Url(url.clone())),
     };
@@ -94,7 +160,7 @@ fn parse_selector(s: &str) -> Result<Map<String, Value>, WebhookConfigError> {
         .map(|pair| {
             let (k, v) = pair.split_once('=').ok_or_else(bad)?;
             let (k, v) = (k.trim(), v.trim());
-            if crate::policy::valid_qualified_name(k) && crate::policy::valid_label_value(v) {
+            if valid_qualified_name(k) && valid_label_value(v) {
                 Ok((k.to_owned(), Value::from(v)))
             } else {
                 Err(bad())

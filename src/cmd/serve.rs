@@ -1,0 +1,140 @@
+//! `outpost-webhook serve`: flags into a [`Config`], a runtime, signal handling, and the server.
+//!
+//! Starts the runtime and waits for SIGTERM or SIGINT; everything else is in `serve`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Args;
+
+use super::{Error, duration};
+use crate::{
+    core::admission::DEFAULT_PORT,
+    logging::{self, LogFormat},
+    serve::{self, CertSource, Config, Limits, Settings},
+};
+
+/// Flags of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where admission is served, on TLS.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)), env = "OUTPOST_WEBHOOK_ADDR")]
+    pub addr: SocketAddr,
+    /// Where /healthz, /readyz and /metrics are served, on plain HTTP.
+    #[arg(
+        long,
+        default_value = "0.0.0.0:8080",
+        env = "OUTPOST_WEBHOOK_HEALTH_ADDR"
+    )]
+    pub health_addr: SocketAddr,
+    /// The serving certificate chain (PEM, leaf first). Polled for changes.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        env = "OUTPOST_WEBHOOK_TLS_CERT"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The serving certificate's private key (PEM). Polled for changes.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_cert",
+        env = "OUTPOST_WEBHOOK_TLS_KEY"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA bundle (PEM), for apiservers configured to
+    /// present one.
+    #[arg(long, value_name = "FILE", env = "OUTPOST_WEBHOOK_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Where the development CA bundle is written when no certificate is given.
+    #[arg(long, value_name = "FILE", default_value_os_t = std::env::temp_dir().join("outpost-webhook-dev-ca.crt"))]
+    pub dev_ca_out: PathBuf,
+    /// The policy file; the built-in policy when not given. Polled for changes.
+    #[arg(long, value_name = "FILE", env = "OUTPOST_WEBHOOK_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// How often certificate and policy files are polled.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub reload_interval: Duration,
+    /// Seconds to keep serving after SIGTERM while /readyz fails; match the preStop sleep.
+    #[arg(long, default_value_t = 5)]
+    pub drain_seconds: u64,
+    /// How long in-flight requests may take to finish after the drain.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+    /// The largest request body accepted (an UPDATE carries the object twice).
+    #[arg(long, default_value_t = 6 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// The request deadline when the apiserver sends no ?timeout= (the registration's
+    /// timeoutSeconds).
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub request_timeout: Duration,
+    /// How long a client may take to send its request headers (slow clients are cut off).
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub header_timeout: Duration,
+    /// How long a client may take to finish the TLS handshake.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+    /// Open TLS connections beyond this are closed at once.
+    #[arg(long, default_value_t = 1000)]
+    pub max_connections: usize,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = "OUTPOST_WEBHOOK_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log level: error, warn, info, debug or trace. Object contents are never logged.
+    #[arg(long, default_value = "info", env = "OUTPOST_WEBHOOK_LOG_LEVEL")]
+    pub log_level: tracing::Level,
+}
+
+/// Runs `serve` until SIGTERM or SIGINT, then drains and returns.
+///
+/// # Errors
+/// When the runtime, the signal handlers or the server cannot start.
+pub fn execute(args: ServeArgs) -> Result<(), Error> {
+    logging::init(args.log_format, args.log_level);
+    let config = Config {
+        settings: Settings {
+            addr: args.addr,
+            health_addr: args.health_addr,
+            reload_interval: args.reload_interval,
+            drain: Duration::from_secs(args.drain_seconds),
+            shutdown_grace: args.shutdown_grace,
+            header_timeout: args.header_timeout,
+            handshake_timeout: args.handshake_timeout,
+            max_connections: args.max_connections,
+        },
+        certs: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => CertSource::Files { cert, key },
+            _ => CertSource::Development {
+                ca_out: args.dev_ca_out,
+            },
+        },
+        client_ca: args.client_ca,
+        policy: args.policy,
+        limits: Limits {
+            max_body_bytes: args.max_body_bytes,
+            default_timeout: args.request_timeout,
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::io("cannot start the async runtime", source))?;
+    runtime.block_on(async {
+        let stop = signal().map_err(|source| Error::io("cannot install signal handlers", source))?;
+        serve::run(config, stop).await?;
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM (the kubelet stopping the pod) or SIGINT (Ctrl-C).
+fn signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+    })
+}

@@ -1,0 +1,18 @@
+//! The pure core: a policy and an object in, RFC 6902 operations and warnings out.
+//!
+//! No I/O, no clock, no randomness; nothing here imports `serve` or `cmd`. [`admission`] reads and
+//! writes the `AdmissionReview` envelope, [`mutate`] decides, [`policy`] says what to fix,
+//! [`quantity`] compares values as the apiserver stores them, and [`laws`] checks the laws every
+//! answer obeys (used by the golden, property and fuzz tests).
+
+pub mod admission;
+pub mod laws;
+pub mod mutate;
+pub mod policy;
+pub mod quantity;
+
+/// Folds a parser's multi-line message onto one line, for logs, `kubectl` and `file:line:` errors.
+#[must_use]
+pub fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,128 @@
+//! The state every connection shares: the policy, certificate and client CA in force, the
+//! metrics, the request limits, and whether the process is draining.
+//!
+//! Reads files only through [`Polled::reload_if_changed`], from [`App::reload`].
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tracing::{info, warn};
+
+use super::{
+    metrics::{Metrics, Reloaded},
+    polled::{Parse, Polled},
+    tls::{ClientCa, ServingCert},
+};
+use crate::core::policy::Policy;
+
+/// Limits that apply to each admission request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The largest body accepted. An UPDATE carries the object and its old version, so this must
+    /// hold two of the largest objects etcd stores (1.5 MiB each by default).
+    pub max_body_bytes: usize,
+    /// The deadline when the apiserver sends no `?timeout=`.
+    pub default_timeout: Duration,
+}
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub struct App {
+    pub policy: Polled<Policy>,
+    pub certs: Arc<Polled<ServingCert>>,
+    pub client_ca: Option<Arc<Polled<ClientCa>>>,
+    pub metrics: Metrics,
+    pub limits: Limits,
+    draining: AtomicBool,
+}
+
+impl App {
+    #[must_use]
+    pub fn new(
+        policy: Polled<Policy>,
+        certs: Arc<Polled<ServingCert>>,
+        client_ca: Option<Arc<Polled<ClientCa>>>,
+        limits: Limits,
+    ) -> Self {
+        let app = Self {
+            policy,
+            certs,
+            client_ca,
+            metrics: Metrics::default(),
+            limits,
+            draining: AtomicBool::new(false),
+        };
+        app.metrics
+            .certificate_expiry(app.certs.current().not_after);
+        app
+    }
+
+    /// Ready to take traffic: a certificate and a policy are loaded (they are from the start, or
+    /// the process would not have started) and the process is not draining.
+    #[must_use]
+    pub fn ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Fails readiness, so endpoints drop this pod before it stops serving.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Re-reads the certificate, client CA and policy files, logging and counting what changed.
+    pub fn reload(&self) {
+        if self.reload_one(Reloaded::Certificate, &self.certs) {
+            let not_after = self.certs.current().not_after;
+            self.metrics.certificate_expiry(not_after);
+            info!(not_after, "Reloaded the serving certificate");
+        }
+        if let Some(ca) = &self.client_ca
+            && self.reload_one(Reloaded::ClientCa, ca)
+        {
+            info!("Reloaded the client CA bundle");
+        }
+        if self.reload_one(Reloaded::Policy, &self.policy) {
+            info!(
+                rules = self.policy.current().rule_count(),
+                "Reloaded the policy"
+            );
+        }
+    }
+
+    /// Reloads one polled value; true when a new one is in force.
+    fn reload_one<T: Parse>(&self, what: Reloaded, polled: &Polled<T>) -> bool {
+        match polled.reload_if_changed() {
+            Ok(changed) => {
+                if changed {
+                    self.metrics.reload(what, true);
+                }
+                changed
+            }
+            Err(e) => {
+                self.metrics.reload(what, false);
+                warn!(what = what.as_str(), error = %e, "Refused changed content; the old one stays in force");
+                false
+            }
+        }
+    }
+}
+
+/// One file: the policy YAML.
+impl Parse for Policy {
+    type Error = crate::core::policy::PolicyError;
+
+    fn parse(files: &[super::polled::File<'_>]) -> Result<Self, Self::Error> {
+        match files {
+            [file] => Self::from_bytes(file.name, file.bytes),
+            _ => Err(Self::Error::Syntax {
+                file: "policy".into(),
+                message: "exactly one policy file is read".into(),
+            }),
+        }
+    }
+}
