@@ -9,7 +9,7 @@
 use std::{hint::black_box, path::Path};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use outpost_webhook::{admission, policy::Policy};
+use outpost_webhook::core::{admission, policy::Policy};
 use serde_json::Value;
 
 fn golden(case: &str, file: &str) -> Value {

@@ -8,8 +8,8 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use axum::{Router, http::header, routing::post};
 use outpost_webhook::{
-    server::{self, CertSource, Config, Settings},
-    state::Limits,
+    core::admission::MUTATE_PATH,
+    serve::{self, CertSource, Config, Limits, Settings},
 };
 
 const ANSWER: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"0df28fbd-5f5f-11e8-bc74-36e6bb280816","allowed":true}}"#;
@@ -43,15 +43,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let (app, tls) = server::prepare(&config)?;
+        let (app, tls) = serve::prepare(&config)?;
         // The body is read, as the webhook must, then a constant answer.
         let constant = Router::new().route(
-            server::MUTATE_PATH,
+            MUTATE_PATH,
             post(|_body: axum::body::Bytes| async {
                 ([(header::CONTENT_TYPE, "application/json")], ANSWER)
             }),
         );
-        let running = server::start_with(config.settings, Arc::clone(&app), tls, constant).await?;
+        let running = serve::start_with(config.settings, Arc::clone(&app), tls, constant).await?;
         println!("floor listening on {}", running.addr);
         tokio::signal::ctrl_c().await?;
         running.shutdown();

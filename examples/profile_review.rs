@@ -1,7 +1,7 @@
 //! Runs the pure admission path in a loop, for a profiler:
 //! `valgrind --tool=callgrind target/release/examples/profile_review FILE [N]`.
 
-use outpost_webhook::{admission, policy::Policy};
+use outpost_webhook::core::{admission, policy::Policy};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

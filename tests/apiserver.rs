@@ -16,7 +16,7 @@ use common::{
 use http_body_util::Full;
 use hyper::Request;
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
-use outpost_webhook::metrics::Reloaded;
+use outpost_webhook::serve::metrics::Reloaded;
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -168,7 +168,7 @@ async fn rotated_certificate_is_served_to_new_connections_and_garbage_is_refused
     // The kubelet swaps `..data` to a new directory holding a certificate from the same CA?
     // cert-manager renews with a new key; here a whole new CA, so the old client must fail.
     let renewed = common::certs();
-    common::write_secret_volume(&server.dir.0, 2, &renewed.cert_pem, &renewed.key_pem);
+    common::write_secret_volume(server.dir.path(), 2, &renewed.cert_pem, &renewed.key_pem);
     app.reload();
     assert_eq!(app.metrics.reloads(Reloaded::Certificate), (1, 0));
     let second = peer_certificate(&server, &renewed.ca_pem).await;
@@ -176,7 +176,7 @@ async fn rotated_certificate_is_served_to_new_connections_and_garbage_is_refused
 
     // A garbage certificate is refused, counted once, and the renewed one keeps serving.
     common::write_secret_volume(
-        &server.dir.0,
+        server.dir.path(),
         3,
         "-----BEGIN CERTIFICATE-----\nnope\n",
         &renewed.key_pem,
@@ -188,7 +188,7 @@ async fn rotated_certificate_is_served_to_new_connections_and_garbage_is_refused
 
     // So is a key that does not match the certificate.
     let stranger = common::certs();
-    common::write_secret_volume(&server.dir.0, 4, &renewed.cert_pem, &stranger.key_pem);
+    common::write_secret_volume(server.dir.path(), 4, &renewed.cert_pem, &stranger.key_pem);
     app.reload();
     assert_eq!(app.metrics.reloads(Reloaded::Certificate), (1, 2));
     assert_eq!(peer_certificate(&server, &renewed.ca_pem).await, second);
@@ -202,8 +202,8 @@ async fn peer_certificate(server: &TestServer, ca_pem: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_new_policy_is_used_from_the_next_request_and_a_bad_one_is_refused() {
-    let dir = common::TempDir::new("policy");
-    let policy = dir.0.join("policy.yaml");
+    let dir = common::temp_dir("policy");
+    let policy = dir.path().join("policy.yaml");
     std::fs::write(&policy, "rules: [{deployment: {replicas: 3}}]").unwrap();
     let path = policy.clone();
     let server = TestServer::start_with(|c| c.policy = Some(path)).await;
@@ -314,10 +314,10 @@ async fn a_client_that_stalls_in_its_headers_is_cut_off_while_others_are_served(
 
 #[tokio::test]
 async fn client_certificates_are_required_when_a_client_ca_is_given() {
-    let dir = common::TempDir::new("client-ca");
-    let apiserver = outpost_webhook::tls::generate_client("kube-apiserver", 1).unwrap();
-    std::fs::write(dir.0.join("client-ca.crt"), &apiserver.ca_pem).unwrap();
-    let ca_path = dir.0.join("client-ca.crt");
+    let dir = common::temp_dir("client-ca");
+    let apiserver = outpost_webhook::pki::generate_client("kube-apiserver", 1).unwrap();
+    std::fs::write(dir.path().join("client-ca.crt"), &apiserver.ca_pem).unwrap();
+    let ca_path = dir.path().join("client-ca.crt");
     let server = TestServer::start_with(|c| c.client_ca = Some(ca_path)).await;
     let (_, review) = golden_reviews().remove(0);
 
@@ -331,7 +331,7 @@ async fn client_certificates_are_required_when_a_client_ca_is_given() {
     assert_eq!(client.review(&review).await.0, 200);
 
     // Without one, or with one from another CA: the handshake (or first read) fails.
-    let stranger = outpost_webhook::tls::generate_client("someone", 1).unwrap();
+    let stranger = outpost_webhook::pki::generate_client("someone", 1).unwrap();
     for identity in [
         None,
         Some((stranger.cert_pem.as_str(), stranger.key_pem.as_str())),

@@ -138,7 +138,7 @@ fn policy_check_accepts_the_example_and_names_file_line_and_field_of_a_bad_one()
 fn policy_default_prints_a_policy_that_checks() {
     let out = run(&["policy", "default"], b"");
     assert!(out.status.success());
-    let p = outpost_webhook::policy::Policy::from_yaml("stdout", &text(&out.stdout)).unwrap();
+    let p = outpost_webhook::core::policy::Policy::from_yaml("stdout", &text(&out.stdout)).unwrap();
     assert_eq!(p.rule_count(), 1);
 }
 
@@ -158,7 +158,7 @@ fn policy_import_of_the_operators_patches_does_what_they_did() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("12 operation(s) expressed, 0 not"));
     let policy =
-        outpost_webhook::policy::Policy::from_yaml("imported", &text(&out.stdout)).unwrap();
+        outpost_webhook::core::policy::Policy::from_yaml("imported", &text(&out.stdout)).unwrap();
 
     let patches: Value =
         serde_json::from_str(&std::fs::read_to_string(&patches_file).unwrap()).unwrap();
@@ -175,11 +175,11 @@ fn policy_import_of_the_operators_patches_does_what_they_did() {
         json_patch::patch(&mut by_hand, &ops).unwrap();
         // ...and what the webhook does with the imported policy.
         let object_kind = if kind == "service" {
-            outpost_webhook::mutate::ObjectKind::Service
+            outpost_webhook::core::mutate::ObjectKind::Service
         } else {
-            outpost_webhook::mutate::ObjectKind::Deployment
+            outpost_webhook::core::mutate::ObjectKind::Deployment
         };
-        let outcome = outpost_webhook::mutate::mutate_object(&policy, object_kind, &object);
+        let outcome = outpost_webhook::core::mutate::mutate_object(&policy, object_kind, &object);
         let mut by_webhook = object.clone();
         json_patch::patch(&mut by_webhook, &outcome.ops).unwrap();
         if kind == "deployment" {

@@ -5,20 +5,16 @@
 // A failing test should panic with the value that failed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::path::Path;
-
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
-use outpost_webhook::{
-    admission,
-    mutate::{ObjectKind, Outcome, Verdict, mutate_object},
-    policy::Policy,
-};
+use outpost_webhook::core::{laws, mutate::ObjectKind, policy::Policy};
 use proptest::{collection::vec, option, prelude::*};
 use serde_json::{Map, Value, json};
 
 fn policies() -> Vec<Policy> {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/policy.example.yaml");
-    vec![Policy::builtin().unwrap(), Policy::load(&example).unwrap()]
+    let example = include_str!("../deploy/policy.example.yaml");
+    vec![
+        Policy::builtin().unwrap(),
+        Policy::from_yaml("deploy/policy.example.yaml", example).unwrap(),
+    ]
 }
 
 /// A map that is absent, null, empty or populated.
@@ -220,74 +216,12 @@ fn service() -> impl Strategy<Value = Value> {
         })
 }
 
-/// The laws, for one object under one policy.
+/// The laws, for one object under one policy: the one checker the golden tests and the fuzz
+/// targets use too.
 fn check(policy: &Policy, kind: ObjectKind, object: &Value) -> Result<(), TestCaseError> {
-    let outcome: Outcome = mutate_object(policy, kind, object);
-    prop_assert_eq!(
-        &outcome,
-        &mutate_object(policy, kind, object),
-        "deterministic"
-    );
-    // The server reads only the parts of the object the rules use; it must decide the same.
-    let (group, kind_name) = match kind {
-        ObjectKind::Service => ("", "Service"),
-        ObjectKind::Deployment => ("apps", "Deployment"),
-    };
-    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
-        "uid": "u", "operation": "CREATE", "object": object,
-        "kind": {"group": group, "version": "v1", "kind": kind_name}}});
-    let (_, via_review, _) =
-        admission::review(policy, &serde_json::to_vec(&review).unwrap()).unwrap();
-    prop_assert_eq!(
-        &via_review,
-        &outcome,
-        "the pruned object decides differently"
-    );
-    prop_assert_eq!(outcome.ops.is_empty(), outcome.verdict != Verdict::Patched);
-    for w in &outcome.warnings {
-        prop_assert!(w.chars().count() <= 120);
-    }
-    let ops_json = serde_json::to_value(&outcome.ops).unwrap();
-    for op in ops_json.as_array().unwrap() {
-        prop_assert!(
-            op["op"] == "add" || op["op"] == "replace",
-            "only add and replace: {}",
-            op
-        );
-        let path = op["path"].as_str().unwrap();
-        prop_assert!(
-            !path.starts_with("/spec/selector/") && path != "/spec/selector"
-                || kind == ObjectKind::Service
-        );
-        prop_assert!(
-            !path.contains("/ports"),
-            "ports are never touched: {}",
-            path
-        );
-    }
-    let mut patched = object.clone();
-    json_patch::patch(&mut patched, &outcome.ops).map_err(|e| {
-        TestCaseError::fail(format!("patch does not apply: {e}\n{ops_json}\n{object}"))
-    })?;
-    match kind {
-        ObjectKind::Deployment => {
-            serde_json::from_value::<Deployment>(patched.clone())
-                .map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!(&patched["spec"]["selector"], &object["spec"]["selector"]);
-        }
-        ObjectKind::Service => {
-            serde_json::from_value::<Service>(patched.clone())
-                .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        }
-    }
-    let again = mutate_object(policy, kind, &patched);
-    prop_assert!(
-        again.ops.is_empty(),
-        "not idempotent: {:?}\nafter {}",
-        again.ops,
-        ops_json
-    );
-    Ok(())
+    laws::check(policy, kind, object)
+        .map(drop)
+        .map_err(|e| TestCaseError::fail(format!("{e}\n{object}")))
 }
 
 proptest! {

@@ -20,10 +20,12 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
 use outpost_webhook::{
-    policy::unknown_field,
-    server::{DEFAULT_HEALTH_PORT, DEFAULT_PORT, MUTATE_PATH, TIMEOUT_SECONDS},
-    tls::service_dns_names,
-    webhook_config::{self, Options, Target},
+    cmd::webhook_config::{self, Options, Target},
+    core::{
+        admission::{DEFAULT_HEALTH_PORT, DEFAULT_PORT, MUTATE_PATH, TIMEOUT_SECONDS},
+        policy::unknown_field,
+    },
+    pki::service_dns_names,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
@@ -129,7 +131,7 @@ fn arg<'a>(args: &'a [String], flag: &str) -> &'a str {
 
 fn seconds(go_duration: &str) -> i64 {
     i64::try_from(
-        outpost_webhook::server::parse_go_duration(go_duration)
+        outpost_webhook::duration::parse_go_duration(go_duration)
             .unwrap()
             .as_secs(),
     )
@@ -263,7 +265,7 @@ fn the_deployment_is_available_hardened_and_drains_as_the_code_expects() {
     let policy_text = one(&docs, "ConfigMap")["data"]["policy.yaml"]
         .as_str()
         .unwrap();
-    outpost_webhook::policy::Policy::from_yaml("ConfigMap", policy_text).unwrap();
+    outpost_webhook::core::policy::Policy::from_yaml("ConfigMap", policy_text).unwrap();
 }
 
 #[test]

@@ -12,15 +12,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BIN, Http1, TempDir, apply_answer, certs_into, health_get, serve};
+use common::{BIN, Http1, apply_answer, certs_into, health_get, serve, temp_dir};
 use serde_json::{Value, json};
 
 #[test]
 fn certs_writes_a_ca_a_certificate_for_every_service_name_and_a_private_key() {
-    let dir = TempDir::new("certs");
+    let dir = temp_dir("certs");
     certs_into(&dir);
     let mode = |f: &str| {
-        std::fs::metadata(dir.0.join(f))
+        std::fs::metadata(dir.path().join(f))
             .unwrap()
             .permissions()
             .mode()
@@ -29,19 +29,20 @@ fn certs_writes_a_ca_a_certificate_for_every_service_name_and_a_private_key() {
     assert_eq!(mode("tls.key"), 0o600);
     assert_eq!(mode("tls.crt"), 0o644);
     assert_eq!(mode("ca.crt"), 0o644);
-    let ca = std::fs::read_to_string(dir.0.join("ca.crt")).unwrap();
-    let cert = std::fs::read_to_string(dir.0.join("tls.crt")).unwrap();
-    let key = std::fs::read_to_string(dir.0.join("tls.key")).unwrap();
+    let ca = std::fs::read_to_string(dir.path().join("ca.crt")).unwrap();
+    let cert = std::fs::read_to_string(dir.path().join("tls.crt")).unwrap();
+    let key = std::fs::read_to_string(dir.path().join("tls.key")).unwrap();
     assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
     // The certificate and key are a pair, and the chain verifies for each name the apiserver
     // may dial.
-    let store = outpost_webhook::tls::CertStore::from_pem(
-        outpost_webhook::tls::provider(),
+    let store = outpost_webhook::serve::tls::ServingCert::from_pem(
         cert.as_bytes(),
         key.as_bytes(),
+        "tls.crt",
+        "tls.key",
     )
     .unwrap();
-    assert!(store.not_after() > 0);
+    assert!(store.not_after > 0);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut served = serve(&dir, &[]);
@@ -71,9 +72,9 @@ fn certs_writes_a_ca_a_certificate_for_every_service_name_and_a_private_key() {
 
 #[test]
 fn sigterm_fails_readiness_keeps_serving_through_the_drain_and_exits_zero() {
-    let dir = TempDir::new("sigterm");
+    let dir = temp_dir("sigterm");
     certs_into(&dir);
-    let ca = std::fs::read_to_string(dir.0.join("ca.crt")).unwrap();
+    let ca = std::fs::read_to_string(dir.path().join("ca.crt")).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut served = serve(&dir, &[]);
     runtime.block_on(async {
@@ -139,10 +140,10 @@ fn sigterm_fails_readiness_keeps_serving_through_the_drain_and_exits_zero() {
 
 #[test]
 fn secret_values_never_reach_the_logs_even_at_trace() {
-    let dir = TempDir::new("secrets");
+    let dir = temp_dir("secrets");
     certs_into(&dir);
-    let ca = std::fs::read_to_string(dir.0.join("ca.crt")).unwrap();
-    let policy = dir.0.join("policy.yaml");
+    let ca = std::fs::read_to_string(dir.path().join("ca.crt")).unwrap();
+    let policy = dir.path().join("policy.yaml");
     std::fs::write(
         &policy,
         "rules: [{deployment: {env: [{name: FROM_POLICY, value: policy-literal-7f1c}]}}]",
@@ -180,11 +181,11 @@ fn secret_values_never_reach_the_logs_even_at_trace() {
 
 #[test]
 fn a_bad_certificate_or_policy_at_start_exits_non_zero_naming_the_file() {
-    let dir = TempDir::new("bad-start");
+    let dir = temp_dir("bad-start");
     certs_into(&dir);
-    std::fs::write(dir.0.join("garbage.crt"), "not a certificate").unwrap();
+    std::fs::write(dir.path().join("garbage.crt"), "not a certificate").unwrap();
     std::fs::write(
-        dir.0.join("bad.yaml"),
+        dir.path().join("bad.yaml"),
         "rules:\n  - deployment:\n      replicas: many\n",
     )
     .unwrap();
@@ -192,7 +193,7 @@ fn a_bad_certificate_or_policy_at_start_exits_non_zero_naming_the_file() {
         let out = Command::new(BIN)
             .args(common::SERVE_ON_LOOPBACK)
             .args(args)
-            .current_dir(&dir.0)
+            .current_dir(dir.path())
             .output()
             .unwrap();
         assert!(!out.status.success());

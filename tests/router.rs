@@ -13,21 +13,21 @@ use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use hyper::Request;
 use outpost_webhook::{
-    policy::Policy,
-    server::{health_router, router},
-    state::{App, Limits, PolicyStore},
-    tls::{self, CertStore},
+    core::policy::Policy,
+    pki,
+    serve::{App, Limits, health_router, polled::Polled, router, tls::ServingCert},
 };
 use serde_json::{Value, json};
 use tower::ServiceExt as _;
 
 fn app(max_body_bytes: usize) -> Arc<App> {
-    let g = tls::generate(&["localhost".into()], 1).unwrap();
-    let certs =
-        CertStore::from_pem(tls::provider(), g.cert_pem.as_bytes(), g.key_pem.as_bytes()).unwrap();
+    let g = pki::generate(&["localhost".into()], 1).unwrap();
+    let cert =
+        ServingCert::from_pem(g.cert_pem.as_bytes(), g.key_pem.as_bytes(), "c", "k").unwrap();
     Arc::new(App::new(
-        PolicyStore::fixed(Policy::builtin().unwrap()),
-        Arc::new(certs),
+        Polled::fixed(Policy::builtin().unwrap()),
+        Arc::new(Polled::fixed(cert)),
+        None,
         Limits {
             max_body_bytes,
             default_timeout: Duration::from_secs(10),
@@ -69,86 +69,77 @@ async fn a_good_review_is_answered_200() {
     assert_eq!(body["response"], json!({"uid": "u", "allowed": true}));
 }
 
+/// Each class of bad request: what is sent, and the exact status and `Status` body answered.
 #[tokio::test]
-async fn not_json_is_400() {
-    let app = app(1 << 20);
-    let (code, body) = call(&app, post("{\"apiVersion\": ")).await;
-    assert_eq!(
-        (code, body),
+async fn bad_requests_get_their_status_and_a_status_body() {
+    let no_request = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"});
+    let v1beta1 = review("admission.k8s.io/v1beta1").to_string();
+    let cases: Vec<(&str, Request<Body>, u16, &str, &str)> = vec![
         (
+            "truncated JSON",
+            post("{\"apiVersion\": "),
             400,
-            status(
-                400,
-                "not_json",
-                "body is not valid JSON: EOF while parsing a value at line 1 column 15"
-            )
-        )
-    );
-}
-
-#[tokio::test]
-async fn invalid_utf8_is_400() {
-    let app = app(1 << 20);
-    let (code, body) = call(&app, post(Bytes::from_static(b"{\"a\":\"\xff\"}"))).await;
-    assert_eq!(
-        (code, body),
+            "not_json",
+            "body is not valid JSON: EOF while parsing a value at line 1 column 15",
+        ),
         (
+            "invalid UTF-8",
+            post(Bytes::from_static(b"{\"a\":\"\xff\"}")),
             400,
-            status(
-                400,
-                "not_json",
-                "body is not valid JSON: not UTF-8: invalid utf-8 sequence of 1 bytes from index 6"
-            )
-        )
-    );
-}
-
-#[tokio::test]
-async fn empty_body_is_400() {
-    let app = app(1 << 20);
-    let (code, body) = call(&app, post("")).await;
-    assert_eq!(
-        (code, body),
+            "not_json",
+            "body is not valid JSON: not UTF-8: invalid utf-8 sequence of 1 bytes from index 6",
+        ),
         (
+            "empty body",
+            post(""),
             400,
-            status(
-                400,
-                "not_json",
-                "body is not valid JSON: EOF while parsing a value at line 1 column 0"
-            )
-        )
-    );
-}
-
-#[tokio::test]
-async fn a_review_without_request_is_400() {
-    let app = app(1 << 20);
-    let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"});
-    let (code, body) = call(&app, post(body.to_string())).await;
-    assert_eq!(
-        (code, body),
+            "not_json",
+            "body is not valid JSON: EOF while parsing a value at line 1 column 0",
+        ),
         (
+            "no request",
+            post(no_request.to_string()),
             400,
-            status(400, "no_request", "AdmissionReview has no request")
-        )
-    );
-}
-
-#[tokio::test]
-async fn v1beta1_is_400() {
-    let app = app(1 << 20);
-    let (code, body) = call(&app, post(review("admission.k8s.io/v1beta1").to_string())).await;
-    assert_eq!(
-        (code, body),
+            "no_request",
+            "AdmissionReview has no request",
+        ),
         (
+            "v1beta1",
+            post(v1beta1),
             400,
-            status(
-                400,
-                "bad_api_version",
-                "apiVersion \"admission.k8s.io/v1beta1\" is not supported; only admission.k8s.io/v1 is"
-            )
-        )
-    );
+            "bad_api_version",
+            "apiVersion \"admission.k8s.io/v1beta1\" is not supported; only admission.k8s.io/v1 is",
+        ),
+        (
+            "GET",
+            Request::get("/mutate").body(Body::empty()).unwrap(),
+            405,
+            "method_not_allowed",
+            "GET is not allowed here; use POST",
+        ),
+        (
+            "YAML",
+            Request::post("/mutate")
+                .header("content-type", "application/yaml")
+                .body(Body::from("a: b"))
+                .unwrap(),
+            415,
+            "unsupported_media_type",
+            "Content-Type must be application/json, got application/yaml",
+        ),
+        (
+            "unknown path",
+            Request::post("/validate").body(Body::empty()).unwrap(),
+            404,
+            "not_found",
+            "no such path /validate; admission is served at /mutate",
+        ),
+    ];
+    let app = app(1 << 20);
+    for (what, req, code, reason, message) in cases {
+        let answered = call(&app, req).await;
+        assert_eq!(answered, (code, status(code, reason, message)), "{what}");
+    }
 }
 
 #[tokio::test]
@@ -165,66 +156,6 @@ async fn a_request_without_uid_is_400() {
             .unwrap()
             .contains("missing field `uid`"),
         "{body}"
-    );
-}
-
-#[tokio::test]
-async fn wrong_method_is_405() {
-    let app = app(1 << 20);
-    let req = Request::get("/mutate").body(Body::empty()).unwrap();
-    let (code, body) = call(&app, req).await;
-    assert_eq!(
-        (code, body),
-        (
-            405,
-            status(
-                405,
-                "method_not_allowed",
-                "GET is not allowed here; use POST"
-            )
-        )
-    );
-}
-
-#[tokio::test]
-async fn wrong_content_type_is_415() {
-    let app = app(1 << 20);
-    let req = Request::post("/mutate")
-        .header("content-type", "application/yaml")
-        .body(Body::from("a: b"))
-        .unwrap();
-    let (code, body) = call(&app, req).await;
-    assert_eq!(
-        (code, body),
-        (
-            415,
-            status(
-                415,
-                "unsupported_media_type",
-                "Content-Type must be application/json, got application/yaml"
-            )
-        )
-    );
-}
-
-#[tokio::test]
-async fn unknown_path_is_404() {
-    let app = app(1 << 20);
-    let (code, body) = call(
-        &app,
-        Request::post("/validate").body(Body::empty()).unwrap(),
-    )
-    .await;
-    assert_eq!(
-        (code, body),
-        (
-            404,
-            status(
-                404,
-                "not_found",
-                "no such path /validate; admission is served at /mutate"
-            )
-        )
     );
 }
 

@@ -7,7 +7,7 @@ mod laws;
 
 use arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use outpost_webhook::mutate::ObjectKind;
+use outpost_webhook::core::mutate::ObjectKind;
 use serde_json::{Map, Value};
 
 const KEYS: &[&str] = &[

@@ -38,7 +38,13 @@ pub struct CertsArgs {
 /// # Errors
 /// When a SAN is invalid or a file cannot be written.
 pub fn execute(args: &CertsArgs) -> Result<(), CertsError> {
-    for path in write(&args.service, &args.namespace, &args.sans, args.days, &args.out)? {
+    for path in write(
+        &args.service,
+        &args.namespace,
+        &args.sans,
+        args.days,
+        &args.out,
+    )? {
         println!("wrote {}", path.display());
     }
     Ok(())

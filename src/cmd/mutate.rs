@@ -55,9 +55,8 @@ pub fn execute(args: &MutateArgs) -> Result<(), Error> {
 
 fn read_input(file: Option<&Path>) -> Result<Vec<u8>, Error> {
     match file {
-        Some(p) if p != Path::new("-") => {
-            std::fs::read(p).map_err(|source| Error::io(format!("cannot read {}", p.display()), source))
-        }
+        Some(p) if p != Path::new("-") => std::fs::read(p)
+            .map_err(|source| Error::io(format!("cannot read {}", p.display()), source)),
         _ => {
             let mut buf = Vec::new();
             std::io::stdin()

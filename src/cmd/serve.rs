@@ -120,7 +120,8 @@ pub fn execute(args: ServeArgs) -> Result<(), Error> {
         .build()
         .map_err(|source| Error::io("cannot start the async runtime", source))?;
     runtime.block_on(async {
-        let stop = signal().map_err(|source| Error::io("cannot install signal handlers", source))?;
+        let stop =
+            signal().map_err(|source| Error::io("cannot install signal handlers", source))?;
         serve::run(config, stop).await?;
         Ok(())
     })

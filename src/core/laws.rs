@@ -61,7 +61,11 @@ pub fn check(policy: &Policy, kind: ObjectKind, object: &Value) -> Result<Checke
     if outcome.ops.is_empty() == (outcome.verdict == Verdict::Patched) {
         return Err(broken(
             "verdict",
-            format!("{:?} with {} operation(s)", outcome.verdict, outcome.ops.len()),
+            format!(
+                "{:?} with {} operation(s)",
+                outcome.verdict,
+                outcome.ops.len()
+            ),
         ));
     }
     if let Some(w) = outcome

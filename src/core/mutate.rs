@@ -548,7 +548,6 @@ fn string_map(entries: &BTreeMap<&str, &str>) -> Value {
     )
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

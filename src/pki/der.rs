@@ -40,7 +40,11 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
     )
     .ok()?;
     let time = Time::from_hms(field(4)?, field(6)?, field(8)?).ok()?;
-    Some(PrimitiveDateTime::new(date, time).assume_utc().unix_timestamp())
+    Some(
+        PrimitiveDateTime::new(date, time)
+            .assume_utc()
+            .unix_timestamp(),
+    )
 }
 
 /// One DER tag-length-value: (tag, content, rest).

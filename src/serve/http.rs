@@ -74,7 +74,11 @@ async fn method_not_allowed(State(app): State<Arc<App>>, req: Request) -> Respon
     reject(
         &app,
         Instant::now(),
-        &Rejection::new(StatusCode::METHOD_NOT_ALLOWED, Reason::MethodNotAllowed, message),
+        &Rejection::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Reason::MethodNotAllowed,
+            message,
+        ),
     )
 }
 
@@ -273,7 +277,6 @@ fn answer(app: &App, request: &admission::Request, started: Instant) -> Response
     )
         .into_response()
 }
-
 
 /// The metric and `Status` reason for a body that is not a review the webhook can answer.
 fn reason(e: &ReviewError) -> Reason {

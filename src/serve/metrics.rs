@@ -289,7 +289,8 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts one answered admission request.
     pub fn request(&self, kind: Kind, operation: Operation, outcome: Outcome, elapsed: Duration) {
-        let i = (index(Kind::ALL, &kind) * Operation::ALL.len() + index(Operation::ALL, &operation))
+        let i = (index(Kind::ALL, &kind) * Operation::ALL.len()
+            + index(Operation::ALL, &operation))
             * Outcome::ALL.len()
             + index(Outcome::ALL, &outcome);
         if let Some(c) = self.requests.get(i) {
@@ -316,8 +317,13 @@ impl Metrics {
 
     /// Counts a reload attempt that found changed content.
     pub fn reload(&self, what: Reloaded, ok: bool) {
-        let result = if ok { ReloadResult::Success } else { ReloadResult::Failure };
-        let i = index(Reloaded::ALL, &what) * ReloadResult::ALL.len() + index(ReloadResult::ALL, &result);
+        let result = if ok {
+            ReloadResult::Success
+        } else {
+            ReloadResult::Failure
+        };
+        let i = index(Reloaded::ALL, &what) * ReloadResult::ALL.len()
+            + index(ReloadResult::ALL, &result);
         if let Some(c) = self.reloads.get(i) {
             c.inc();
         }

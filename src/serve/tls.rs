@@ -8,8 +8,7 @@
 use std::{fmt, sync::Arc};
 
 use rustls::{
-    DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
-    ServerConfig, SignatureScheme,
+    DigitallySignedStruct, DistinguishedName, Error, RootCertStore, ServerConfig, SignatureScheme,
     client::danger::HandshakeSignatureValid,
     crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject},
@@ -136,7 +135,9 @@ impl ClientCa {
         let refused = || TlsError::ClientCa(name.to_owned());
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(pem) {
-            roots.add(cert.map_err(|_| refused())?).map_err(|_| refused())?;
+            roots
+                .add(cert.map_err(|_| refused())?)
+                .map_err(|_| refused())?;
         }
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
@@ -195,7 +196,10 @@ impl ClientCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.current().0.verify_tls12_signature(message, cert, dss)
+        self.0
+            .current()
+            .0
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -204,7 +208,10 @@ impl ClientCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.current().0.verify_tls13_signature(message, cert, dss)
+        self.0
+            .current()
+            .0
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -247,14 +254,23 @@ mod tests {
         let e = ServingCert::from_pem(b"garbage", ak.as_bytes(), "c", "k").unwrap_err();
         assert_eq!(e.to_string(), "c: no PEM CERTIFICATE block");
         let e = ServingCert::from_pem(ac.as_bytes(), b"garbage", "c", "k").unwrap_err();
-        assert!(e.to_string().starts_with("k: no usable PEM private key"), "{e}");
+        assert!(
+            e.to_string().starts_with("k: no usable PEM private key"),
+            "{e}"
+        );
         let e = ServingCert::from_pem(ac.as_bytes(), bk.as_bytes(), "c", "k").unwrap_err();
-        assert!(e.to_string().starts_with("c and k do not belong together"), "{e}");
+        assert!(
+            e.to_string().starts_with("c and k do not belong together"),
+            "{e}"
+        );
     }
 
     #[test]
     fn client_ca_needs_a_certificate() {
         let e = ClientCa::from_pem(b"", "ca.crt").unwrap_err();
-        assert_eq!(e.to_string(), "ca.crt: no CA certificate usable for client verification");
+        assert_eq!(
+            e.to_string(),
+            "ca.crt: no CA certificate usable for client verification"
+        );
     }
 }

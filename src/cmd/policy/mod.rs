@@ -47,8 +47,11 @@ pub fn execute(command: &PolicyCommand) -> Result<(), Error> {
             let path = from_json_patches.display().to_string();
             let text = std::fs::read_to_string(from_json_patches)
                 .map_err(|source| Error::io(format!("cannot read {path}"), source))?;
-            let patches: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|source| Error::Json { what: path.clone(), source })?;
+            let patches: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| Error::Json {
+                    what: path.clone(),
+                    source,
+                })?;
             let imported = import::import(&patches, &path)?;
             for line in &imported.unsupported {
                 eprintln!("not expressible: {line}");

@@ -8,7 +8,10 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{core::mutate::{CONTAINER_READS, READS}, k8s::OUTPOST_TYPE};
+use crate::{
+    core::mutate::{CONTAINER_READS, READS},
+    k8s::OUTPOST_TYPE,
+};
 
 /// Which parts of a JSON document to build; the rest is skipped without allocating.
 #[derive(Debug, Clone, Copy)]
@@ -77,10 +80,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for Pruned<'_> {
             Keep::All => Value::deserialize(d),
             Keep::Labels => {
                 let labels = Value::deserialize(d)?;
-                if let Some(t) = labels
-                    .get(OUTPOST_TYPE)
-                    .and_then(Value::as_str)
-                {
+                if let Some(t) = labels.get(OUTPOST_TYPE).and_then(Value::as_str) {
                     *self.cx.outpost_type.borrow_mut() = Some(t.to_owned());
                 }
                 Ok(labels)

@@ -77,4 +77,3 @@ fn write_canonical(out: &mut String, value: &Value) {
         scalar => out.push_str(&scalar.to_string()),
     }
 }
-

@@ -24,7 +24,6 @@ use crate::{
     k8s::{SELECTOR_LABELS, valid_label_value, valid_qualified_name},
 };
 
-
 /// Where validation is: file, line and field path, for error messages.
 pub(super) struct Cx<'a> {
     pub(super) file: &'a str,

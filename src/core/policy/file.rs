@@ -81,4 +81,3 @@ pub(super) struct FileDeployment {
     #[serde(default)]
     pub(super) checksum_annotation: Option<Spanned<String>>,
 }
-

@@ -154,7 +154,6 @@ pub(crate) struct RuleDeployment {
     pub(crate) checksum_annotation: Option<String>,
 }
 
-
 impl Policy {
     /// The built-in policy.
     ///

@@ -1,0 +1,76 @@
+//! The server in-process on 127.0.0.1:0, as the library starts it.
+
+use std::{net::SocketAddr, time::Duration};
+
+use outpost_webhook::{
+    pki,
+    serve::{self, CertSource, Config, Limits, Running, Settings},
+};
+use tempfile::TempDir;
+
+use super::pki::{certs, temp_dir, write_secret_volume};
+
+pub fn settings() -> Settings {
+    Settings {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        health_addr: "127.0.0.1:0".parse().unwrap(),
+        reload_interval: Duration::from_secs(3600),
+        drain: Duration::from_millis(300),
+        shutdown_grace: Duration::from_secs(5),
+        header_timeout: Duration::from_secs(2),
+        handshake_timeout: Duration::from_secs(2),
+        max_connections: 64,
+    }
+}
+
+pub fn limits() -> Limits {
+    Limits {
+        max_body_bytes: 6 * 1024 * 1024,
+        default_timeout: Duration::from_secs(10),
+    }
+}
+
+/// A server on 127.0.0.1:0 with certificates in a Secret-volume layout.
+pub struct TestServer {
+    pub running: Running,
+    pub ca_pem: String,
+    pub dir: TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_certs(certs(), adjust).await
+    }
+
+    /// A server whose certificate is `g`, in a Secret-volume layout under `self.dir`.
+    pub async fn start_with_certs(g: pki::Generated, adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = temp_dir("server");
+        write_secret_volume(dir.path(), 1, &g.cert_pem, &g.key_pem);
+        let mut config = Config {
+            settings: settings(),
+            certs: CertSource::Files {
+                cert: dir.path().join("tls.crt"),
+                key: dir.path().join("tls.key"),
+            },
+            client_ca: None,
+            policy: None,
+            limits: limits(),
+        };
+        adjust(&mut config);
+        let (app, tls) = serve::prepare(&config).unwrap();
+        let running = serve::start(config.settings, app, tls).await.unwrap();
+        Self {
+            running,
+            ca_pem: g.ca_pem,
+            dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.running.addr
+    }
+}
