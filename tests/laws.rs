@@ -1,4 +1,4 @@
-//! Property tests of the laws in DESIGN §3 over generated outpost Services and Deployments:
+//! Property tests of the laws (docs/design.md, `core::laws`) over generated outpost Services and Deployments:
 //! random presence or absence of maps, env lists, containers and volumes, with names that
 //! collide with the policy's and values that are wrong.
 

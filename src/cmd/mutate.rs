@@ -92,7 +92,7 @@ pub enum OfflineError {
         "input is a {found}; expected a Service (v1), a Deployment (apps/v1) or an AdmissionReview"
     )]
     NotAnObject { found: String },
-    #[error("input is an AdmissionReview but cannot be read: {0}")]
+    #[error("input is an AdmissionReview but cannot be read")]
     Review(#[from] ReviewError),
     #[error("the patch does not apply to the object; this is a bug: {0}")]
     Apply(String),

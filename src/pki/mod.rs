@@ -18,7 +18,7 @@ pub use der::not_after;
 
 /// Why a certificate could not be issued.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot generate a certificate: {0}")]
+#[error("cannot generate a certificate")]
 pub struct PkiError(#[from] rcgen::Error);
 
 /// A CA and a serving certificate it signed, PEM-encoded.

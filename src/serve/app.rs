@@ -105,11 +105,28 @@ impl App {
             }
             Err(e) => {
                 self.metrics.reload(what, false);
-                warn!(what = what.as_str(), error = %e, "Refused changed content; the old one stays in force");
+                warn!(
+                    what = what.as_str(),
+                    error = %chain(&e),
+                    "Refused changed content; the old one stays in force"
+                );
                 false
             }
         }
     }
+}
+
+/// An error and its causes on one line, each once: every error here keeps its cause as its source
+/// rather than in its message.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
 }
 
 /// One file: the policy YAML.

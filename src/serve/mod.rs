@@ -74,7 +74,7 @@ pub struct Config {
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -90,7 +90,7 @@ pub enum ServeError {
     BuiltinPolicy(#[from] PolicyError),
     #[error(transparent)]
     Generate(#[from] PkiError),
-    #[error("cannot write the development CA bundle to {path}: {source}")]
+    #[error("cannot write the development CA bundle to {path}")]
     WriteCa {
         path: String,
         #[source]

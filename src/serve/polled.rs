@@ -34,7 +34,7 @@ pub trait Parse: Sized {
 /// Why polled files were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PollError<E: std::error::Error + 'static> {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read")]
     Read {
         path: String,
         #[source]

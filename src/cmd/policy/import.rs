@@ -8,6 +8,7 @@
 //! outpost's UUID becomes `selector: outpost` (derived per outpost), and a container index
 //! becomes "the outpost container".
 
+use json_patch::jsonptr::Pointer;
 use serde_json::{Map, Value, json};
 
 use crate::{core::policy::Policy, k8s::SELECTOR_LABELS};
@@ -89,12 +90,9 @@ impl Builder {
         }
         let path = op.get("path").and_then(Value::as_str).ok_or("no path")?;
         let value = op.get("value").cloned().ok_or("no value")?;
-        let tokens: Vec<String> = path
-            .strip_prefix('/')
-            .ok_or("the path is not a JSON pointer")?
-            .split('/')
-            .map(|t| t.replace("~1", "/").replace("~0", "~"))
-            .collect();
+        let pointer =
+            Pointer::parse(path).map_err(|e| format!("the path is not a JSON pointer: {e}"))?;
+        let tokens: Vec<String> = pointer.tokens().map(|t| t.decoded().into_owned()).collect();
         let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
         match kind {
             "deployment" => self.deployment_op(&tokens, value),

@@ -1,8 +1,8 @@
 //! Reads only what the rules read: a `Deserialize` seed that builds the paths a [`Keep`] names
 //! into a [`Value`] and skips the rest without allocating.
 //!
-//! Pure. `managedFields`, `status`, ports and the like are skipped; building and dropping that tree
-//! was three quarters of the cost of a review (callgrind). What is kept is
+//! Pure. `managedFields`, `status`, ports and the like are skipped unbuilt, so a review costs
+//! about what the rules read, not what the object holds. What is kept is
 //! [`crate::core::mutate::READS`], beside the rules that read it.
 
 use serde::Deserialize;
