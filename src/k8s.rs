@@ -10,6 +10,21 @@ pub const OUTPOST_NAME: &str = "goauthentik.io/outpost-name";
 pub const OUTPOST_TYPE: &str = "goauthentik.io/outpost-type";
 pub const OUTPOST_UUID: &str = "goauthentik.io/outpost-uuid";
 
+/// The selector authentik's controller gives an embedded outpost's Service: the authentik server
+/// pods, which run the embedded outpost on a default install.
+pub const EMBEDDED_SELECTOR: [(&str, &str); 2] = [
+    ("app.kubernetes.io/name", "authentik"),
+    ("app.kubernetes.io/component", "server"),
+];
+
+/// On a Service whose selector the webhook rewrote: the selector it had, as JSON, so that it can
+/// be restored exactly when the standalone Deployment goes away.
+pub const ORIGINAL_SELECTOR: &str = "outpost-webhook/original-selector";
+
+/// On an outpost's pod template: the digest of the Secret data its injected env and volumes read.
+/// The reconciler sets it when the data changes, which rolls the pods.
+pub const SECRET_CHECKSUM: &str = "outpost-webhook/secret-checksum";
+
 /// Pod labels that authentik's controller puts in a Deployment's immutable `spec.selector`.
 /// A policy must not set them: a template that stops matching its selector is rejected (422).
 pub const SELECTOR_LABELS: [&str; 5] = [

@@ -58,7 +58,7 @@ async fn every_golden_review_over_one_keep_alive_connection() {
 
 #[tokio::test]
 async fn create_and_update_of_the_embedded_service_select_the_outpost_pods() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with_policy(&common::outpost_selector_policy()).await;
     let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
     for (name, review) in golden_reviews()
         .into_iter()
@@ -78,7 +78,7 @@ async fn create_and_update_of_the_embedded_service_select_the_outpost_pods() {
 
 #[tokio::test]
 async fn dry_run_gets_the_same_answer() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with_policy(&common::outpost_selector_policy()).await;
     let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
     let wet = &common::golden_review("embedded-service-create");
     let mut dry = wet.clone();
@@ -364,7 +364,7 @@ async fn client_certificates_are_required_when_a_client_ca_is_given() {
 
 #[tokio::test]
 async fn create_and_update_of_every_shared_fixture_converge_over_one_connection() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with_policy(&common::outpost_selector_policy()).await;
     let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
     let fixtures = common::fixture_objects();
     assert_eq!(fixtures.len(), 7);

@@ -29,16 +29,37 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn readme_main_command_fixes_the_shipped_service_example() {
+    // Alone, the Service is a default install's: its selector is kept, and the user is told why.
     let out = run(
         &["mutate", "-f", "examples/embedded-outpost-service.yaml"],
         b"",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: Value = serde_saphyr::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["spec"]["selector"]["app.kubernetes.io/name"], "authentik");
+    assert!(
+        text(&out.stderr).contains("selector kept: no Deployment runs outpost"),
+        "{}",
+        text(&out.stderr)
+    );
+    // With the standalone Deployment beside it, the Service selects the outpost's pods.
+    let out = run(
+        &[
+            "mutate",
+            "-f",
+            "examples/embedded-outpost-service.yaml",
+            "-f",
+            "examples/embedded-outpost-deployment.yaml",
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text(&out.stdout)).unwrap();
     assert_eq!(
-        v["spec"]["selector"]["app.kubernetes.io/name"],
+        docs[0]["spec"]["selector"]["app.kubernetes.io/name"],
         "authentik-outpost-proxy"
     );
+    assert_eq!(docs[1]["spec"]["replicas"], 2);
 }
 
 #[test]
@@ -76,11 +97,13 @@ fn review_from_stdin_answers_with_the_review_response() {
             .join("examples/admissionreview-embedded-service.json"),
     )
     .unwrap();
+    // The review alone is all the cluster there is: the selector is kept, with a warning.
     let out = run(&["mutate", "-o", "review"], &body);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["response"]["allowed"], true);
-    assert_eq!(v["response"]["patchType"], "JSONPatch");
+    assert!(v["response"].get("patch").is_none(), "{v}");
+    assert!(v["response"]["warnings"][0].as_str().unwrap().contains("selector kept"));
 }
 
 #[test]

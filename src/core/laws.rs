@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 
 use super::{
     admission,
-    mutate::{MAX_WARNING_CHARS, ObjectKind, Outcome, Verdict, mutate_object},
+    cluster::{Off, View},
+    mutate::{MAX_WARNING_CHARS, ObjectKind, Outcome, Verdict, mutate_in},
     policy::Policy,
 };
 
@@ -45,12 +46,30 @@ pub struct Checked {
 /// # Errors
 /// The first law that does not hold.
 pub fn check(policy: &Policy, kind: ObjectKind, object: &Value) -> Result<Checked, Broken> {
-    let outcome = mutate_object(policy, kind, object);
-    if outcome != mutate_object(policy, kind, object) {
+    check_in(policy, &Off, kind, object)
+}
+
+/// As [`check`], given what `view` knows of the cluster; the namespace is the object's own.
+///
+/// # Errors
+/// The first law that does not hold.
+pub fn check_in(
+    policy: &Policy,
+    view: &dyn View,
+    kind: ObjectKind,
+    object: &Value,
+) -> Result<Checked, Broken> {
+    let namespace = object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let decide = || mutate_in(policy, view, namespace, kind, object);
+    let outcome = decide();
+    if outcome != decide() {
         return Err(broken("deterministic", "two runs decided differently"));
     }
     let review = review_of(kind, object);
-    let (_, via_review, _) = admission::review(policy, &review)
+    let (_, via_review, _) = admission::review_with(policy, view, &review)
         .map_err(|e| broken("pruned parse", format!("the review was refused: {e}")))?;
     if via_review != outcome {
         return Err(broken(
@@ -97,7 +116,7 @@ pub fn check(policy: &Policy, kind: ObjectKind, object: &Value) -> Result<Checke
     {
         return Err(broken("a Deployment's selector is immutable", "it changed"));
     }
-    let again = mutate_object(policy, kind, &patched);
+    let again = mutate_in(policy, view, namespace, kind, &patched);
     if !again.ops.is_empty() {
         return Err(broken(
             "idempotent",

@@ -18,12 +18,18 @@ use json_patch::{
 use kube::core::admission::Operation;
 use serde_json::{Map, Value};
 
+use sha2::{Digest as _, Sha256};
+
 use super::{
     admission::prune::Keep,
+    cluster::{Off, View},
     policy::{DeploymentFix, Keyed, Outpost, Policy, SelectorMode},
     quantity::{Quantity, covers},
 };
-use crate::k8s::{MANAGED_BY, MANAGED_BY_AUTHENTIK, OUTPOST_NAME, OUTPOST_TYPE, OUTPOST_UUID};
+use crate::k8s::{
+    EMBEDDED_SELECTOR, MANAGED_BY, MANAGED_BY_AUTHENTIK, ORIGINAL_SELECTOR, OUTPOST_NAME,
+    OUTPOST_TYPE, OUTPOST_UUID, SECRET_CHECKSUM,
+};
 
 /// kubectl prints admission warnings verbatim; the apiserver truncates long ones.
 pub const MAX_WARNING_CHARS: usize = 120;
@@ -64,6 +70,8 @@ pub struct Request<'a> {
     pub version: &'a str,
     pub kind: &'a str,
     pub sub_resource: Option<&'a str>,
+    /// The request's namespace: an object being created may not name its own.
+    pub namespace: Option<&'a str>,
     pub object: Option<&'a Value>,
 }
 
@@ -127,7 +135,12 @@ pub const CONTAINER_READS: Keep = Keep::Keys(&[
 pub const READS: Keep = Keep::Keys(&[
     (
         "metadata",
-        Keep::Keys(&[("name", Keep::All), ("labels", Keep::Labels)]),
+        Keep::Keys(&[
+            ("name", Keep::All),
+            ("namespace", Keep::All),
+            ("labels", Keep::Labels),
+            ("annotations", Keep::All),
+        ]),
     ),
     (
         "spec",
@@ -158,7 +171,7 @@ pub const READS: Keep = Keep::Keys(&[
 /// Only CREATE and UPDATE of a whole `v1` Service or `apps/v1` Deployment are looked at;
 /// DELETE, CONNECT, subresources (`status`, `scale`) and every other kind pass untouched.
 #[must_use]
-pub fn mutate(policy: &Policy, req: &Request<'_>) -> Outcome {
+pub fn mutate(policy: &Policy, view: &dyn View, req: &Request<'_>) -> Outcome {
     if !matches!(req.operation, Operation::Create | Operation::Update)
         || req.sub_resource.is_some_and(|s| !s.is_empty())
     {
@@ -168,17 +181,41 @@ pub fn mutate(policy: &Policy, req: &Request<'_>) -> Outcome {
         ObjectKind::from_gvk(req.group, req.version, req.kind),
         req.object,
     ) {
-        (Some(kind), Some(object)) => mutate_object(policy, kind, object),
+        (Some(kind), Some(object)) => {
+            let namespace = req.namespace.unwrap_or_else(|| namespace_of(object));
+            mutate_in(policy, view, namespace, kind, object)
+        }
         _ => Outcome::skipped(),
     }
 }
 
-/// Decides what to do with one Service or Deployment.
+/// Decides what to do with one Service or Deployment, with no view of the cluster.
 #[must_use]
 pub fn mutate_object(policy: &Policy, kind: ObjectKind, object: &Value) -> Outcome {
+    mutate_in(policy, &Off, namespace_of(object), kind, object)
+}
+
+fn namespace_of(object: &Value) -> &str {
+    object
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// Decides what to do with one Service or Deployment in `namespace`, given what `view` knows of
+/// the cluster.
+#[must_use]
+pub fn mutate_in(
+    policy: &Policy,
+    view: &dyn View,
+    namespace: &str,
+    kind: ObjectKind,
+    object: &Value,
+) -> Outcome {
     let mut fixer = Fixer {
         ops: Vec::new(),
         warnings: Vec::new(),
+        problems: 0,
         what: format!(
             "{}/{}",
             kind.as_str(),
@@ -200,10 +237,55 @@ pub fn mutate_object(policy: &Policy, kind: ObjectKind, object: &Value) -> Outco
     };
     let effective = policy.for_outpost(&outpost);
     match kind {
-        ObjectKind::Service => fixer.service(effective.selector, object, &outpost),
-        ObjectKind::Deployment => fixer.deployment(&effective.deployment, object, &outpost),
+        ObjectKind::Service => {
+            let standalone = || view.standalone(namespace, &outpost);
+            fixer.service(effective.selector, object, &outpost, standalone);
+        }
+        ObjectKind::Deployment => {
+            let secrets = secret_checksum(&effective.deployment, view, namespace);
+            fixer.deployment(&effective.deployment, object, &outpost, secrets.as_deref());
+        }
     }
     fixer.finish()
+}
+
+/// The digest of the data of every Secret key a Deployment's injected env and volumes read, as
+/// it goes into [`SECRET_CHECKSUM`]. `None` when the policy reads no Secret or the view is off.
+#[must_use]
+pub fn secret_checksum(fix: &DeploymentFix, view: &dyn View, namespace: &str) -> Option<String> {
+    let refs = fix.secret_refs();
+    if refs.is_empty() {
+        return None;
+    }
+    let mut hash = Sha256::new();
+    for r in &refs {
+        let data = view.secret(namespace, &r.name)?;
+        hash.update(r.name.as_bytes());
+        hash.update([0]);
+        match &r.key {
+            Some(key) => {
+                hash.update(key.as_bytes());
+                // A missing key hashes as nothing: it appearing later is a change too.
+                hash.update(data.get(key).map_or([0; 32], |d| *d));
+            }
+            None => {
+                for (key, d) in &data {
+                    hash.update(key.as_bytes());
+                    hash.update(d);
+                }
+            }
+        }
+        hash.update([0]);
+    }
+    Some(hex(&hash.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 enum Identity<'a> {
@@ -257,15 +339,17 @@ pub fn pod_selector(outpost: &Outpost<'_>) -> Map<String, Value> {
 struct Fixer {
     ops: Vec<PatchOperation>,
     warnings: Vec<String>,
+    /// How many warnings say the object could not be fixed (the rest explain a choice).
+    problems: usize,
     what: String,
 }
 
 impl Fixer {
     fn finish(self) -> Outcome {
-        let verdict = match (self.ops.is_empty(), self.warnings.is_empty()) {
+        let verdict = match (self.ops.is_empty(), self.problems) {
             (false, _) => Verdict::Patched,
-            (true, true) => Verdict::Unchanged,
-            (true, false) => Verdict::Unfixable,
+            (true, 0) => Verdict::Unchanged,
+            (true, _) => Verdict::Unfixable,
         };
         Outcome {
             verdict,
@@ -274,8 +358,19 @@ impl Fixer {
         }
     }
 
+    /// A warning that the object could not be fixed.
     fn warn(&mut self, problem: &str) {
-        let mut full = format!("outpost-webhook: {}: {problem}", self.what);
+        self.problems += 1;
+        self.push(format!("outpost-webhook: {}: {problem}", self.what));
+    }
+
+    /// A warning that explains a choice: the object is as it should be. It names the outpost
+    /// itself, so it leaves out the object's name to stay within what kubectl shows.
+    fn note(&mut self, text: &str) {
+        self.push(format!("outpost-webhook: {text}"));
+    }
+
+    fn push(&mut self, mut full: String) {
         if let Some((cut, _)) = full.char_indices().nth(MAX_WARNING_CHARS) {
             full.truncate(cut);
         }
@@ -308,7 +403,13 @@ impl Fixer {
         }
     }
 
-    fn service(&mut self, mode: SelectorMode, object: &Value, outpost: &Outpost<'_>) {
+    fn service(
+        &mut self,
+        mode: SelectorMode,
+        object: &Value,
+        outpost: &Outpost<'_>,
+        standalone: impl FnOnce() -> Option<bool>,
+    ) {
         if mode == SelectorMode::Keep {
             return;
         }
@@ -320,16 +421,93 @@ impl Fixer {
         if spec.get("type").and_then(Value::as_str) == Some("ExternalName") {
             return;
         }
-        // Replaced whole: the controller's strategic-merge PATCH can leave the union of the buggy
-        // and the right keys, and a selector with `app.kubernetes.io/name: authentik` in it matches
-        // no pod at all.
-        let desired = Value::Object(pod_selector(outpost));
-        if spec.get("selector") != Some(&desired) {
-            self.set(spec, &ptr(&["spec"]), "selector", desired);
+        let selector = spec.get("selector").and_then(Value::as_object);
+        let desired = pod_selector(outpost);
+        // The controller's selector for an embedded outpost names the server pods; after one of
+        // its strategic-merge PATCHes over a corrected selector, the union of both keeps it.
+        let embedded = selector.is_some_and(|s| {
+            EMBEDDED_SELECTOR
+                .iter()
+                .all(|(k, v)| s.get(*k).and_then(Value::as_str) == Some(*v))
+        });
+        let recorded = object
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(ORIGINAL_SELECTOR))
+            .and_then(Value::as_str)
+            .and_then(|text| serde_json::from_str::<Map<String, Value>>(text).ok());
+        let rewrite = match mode {
+            SelectorMode::Keep => false,
+            SelectorMode::Outpost => true,
+            SelectorMode::Auto => match standalone() {
+                Some(true) if embedded => true,
+                Some(true) => false,
+                Some(false) => {
+                    // The standalone Deployment is gone: put back what was rewritten. Only the
+                    // outpost's labels or the union are replaced, never a selector someone chose.
+                    if let Some(original) = recorded.filter(|r| Some(r) != selector)
+                        && (embedded || selector.is_none_or(|s| *s == desired))
+                    {
+                        self.set(spec, &ptr(&["spec"]), "selector", Value::Object(original));
+                    } else if embedded {
+                        self.note(&format!(
+                            "selector kept: no Deployment runs outpost {}; the server pods serve it",
+                            outpost.name
+                        ));
+                    }
+                    return;
+                }
+                None => {
+                    if embedded {
+                        self.note(&format!(
+                            "selector kept for outpost {}: the cluster view is off (serve --cluster)",
+                            outpost.name
+                        ));
+                    }
+                    return;
+                }
+            },
+        };
+        if !rewrite || selector == Some(&desired) {
+            return;
+        }
+        // Replaced whole: a selector with `app.kubernetes.io/name: authentik` in it matches no
+        // outpost pod, whatever else it holds.
+        self.set(spec, &ptr(&["spec"]), "selector", Value::Object(desired));
+        // Only `auto` ever restores, so only `auto` records.
+        if mode == SelectorMode::Auto && embedded && recorded.is_none() {
+            self.record_selector(object, selector);
         }
     }
 
-    fn deployment(&mut self, fix: &DeploymentFix, object: &Value, outpost: &Outpost<'_>) {
+    /// Records what the controller wrote, less the outpost's own labels that a union adds, so
+    /// that the selector can be restored exactly when the standalone Deployment goes away.
+    fn record_selector(&mut self, object: &Value, selector: Option<&Map<String, Value>>) {
+        let original: Map<String, Value> = selector
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_str(),
+                    MANAGED_BY | OUTPOST_NAME | OUTPOST_TYPE | OUTPOST_UUID
+                )
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let text = Value::Object(original).to_string();
+        let Some(metadata) = object.get("metadata").and_then(Value::as_object) else {
+            return;
+        };
+        let entries = BTreeMap::from([(ORIGINAL_SELECTOR, text.as_str())]);
+        self.set_entries(metadata, &ptr(&["metadata"]), "annotations", &entries);
+    }
+
+    fn deployment(
+        &mut self,
+        fix: &DeploymentFix,
+        object: &Value,
+        outpost: &Outpost<'_>,
+        secrets: Option<&str>,
+    ) {
         if fix.is_empty() {
             return;
         }
@@ -369,7 +547,7 @@ impl Fixer {
             self.set_covering(spec, &spec_at, "strategy", strategy);
         }
 
-        self.pod_metadata(fix, spec, template);
+        self.pod_metadata(fix, spec, template, secrets);
 
         let pod_at = ptr(&["spec", "template", "spec"]);
         self.upsert(pod, &pod_at, "volumes", "name", &fix.volumes);
@@ -398,6 +576,7 @@ impl Fixer {
         fix: &DeploymentFix,
         spec: &Map<String, Value>,
         template: &Map<String, Value>,
+        secrets: Option<&str>,
     ) {
         let selector = spec
             .get("selector")
@@ -422,6 +601,16 @@ impl Fixer {
             .collect();
         if let Some(c) = &fix.checksum {
             annotations.insert(&c.annotation, &c.value);
+            // The reconciler alone updates the Secret checksum, when the data changes: admission
+            // only adds it where it is missing, so a replica whose cache lags never undoes it.
+            let present = template
+                .get("metadata")
+                .and_then(|m| m.get("annotations"))
+                .and_then(|a| a.get(SECRET_CHECKSUM))
+                .is_some();
+            if let Some(value) = secrets.filter(|_| !present) {
+                annotations.insert(SECRET_CHECKSUM, value);
+            }
         }
 
         let template_at = ptr(&["spec", "template"]);
@@ -551,6 +740,7 @@ fn string_map(entries: &BTreeMap<&str, &str>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::cluster::Snapshot;
     use serde_json::json;
 
     fn policy(yaml: &str) -> Policy {
@@ -606,9 +796,10 @@ mod tests {
                 version: "v1",
                 kind: "Deployment",
                 sub_resource: sub,
+                namespace: None,
                 object: Some(&obj),
             };
-            assert_eq!(mutate(&p, &req).verdict, Verdict::Skipped);
+            assert_eq!(mutate(&p, &Off, &req).verdict, Verdict::Skipped);
         }
         let req = Request {
             operation: &Operation::Create,
@@ -616,9 +807,10 @@ mod tests {
             version: "v1",
             kind: "Deployment",
             sub_resource: Some(""),
+            namespace: None,
             object: Some(&obj),
         };
-        assert_eq!(mutate(&p, &req).verdict, Verdict::Patched);
+        assert_eq!(mutate(&p, &Off, &req).verdict, Verdict::Patched);
     }
 
     #[test]
@@ -636,9 +828,10 @@ mod tests {
                 version,
                 kind,
                 sub_resource: None,
+                namespace: None,
                 object: Some(&obj),
             };
-            assert_eq!(mutate(&p, &req).verdict, Verdict::Skipped);
+            assert_eq!(mutate(&p, &Off, &req).verdict, Verdict::Skipped);
         }
     }
 
@@ -730,6 +923,173 @@ mod tests {
             mutate_object(&p, ObjectKind::Service, &svc).verdict,
             Verdict::Unchanged
         );
+    }
+
+    fn embedded_service() -> Value {
+        json!({"metadata": {"name": "ak-outpost-o", "namespace": "authentik", "labels": labels("proxy")},
+               "spec": {"selector": {"app.kubernetes.io/name": "authentik",
+                                     "app.kubernetes.io/component": "server"}}})
+    }
+
+    fn cluster(standalone: bool) -> Snapshot {
+        let mut s = Snapshot::default();
+        if standalone {
+            let o = Outpost {
+                name: "o",
+                kind: "proxy",
+                uuid: "0eecac0797c7443c892505f2f4fe3e47",
+            };
+            let labels = pod_selector(&o)
+                .into_iter()
+                .map(|(k, v)| (k, v.as_str().unwrap().to_owned()))
+                .collect();
+            s.add_deployment("authentik", labels);
+        }
+        s
+    }
+
+    fn auto(view: &dyn View, svc: &Value) -> Outcome {
+        mutate_in(
+            &Policy::builtin().unwrap(),
+            view,
+            "authentik",
+            ObjectKind::Service,
+            svc,
+        )
+    }
+
+    #[test]
+    fn auto_keeps_the_server_selector_on_a_default_install_and_says_why() {
+        let out = auto(&cluster(false), &embedded_service());
+        assert_eq!((out.verdict, out.ops.len()), (Verdict::Unchanged, 0));
+        assert_eq!(
+            out.warnings,
+            [
+                "outpost-webhook: selector kept: no Deployment runs outpost o; the server pods serve it"
+            ]
+        );
+        assert!(out.warnings[0].chars().count() <= MAX_WARNING_CHARS);
+        let off = auto(&Off, &embedded_service());
+        assert!(off.ops.is_empty());
+        assert!(
+            off.warnings[0].contains("cluster view is off"),
+            "{:?}",
+            off.warnings
+        );
+    }
+
+    #[test]
+    fn auto_points_the_service_at_a_standalone_deployment_and_records_the_original() {
+        let view = cluster(true);
+        let out = auto(&view, &embedded_service());
+        let fixed = apply(&embedded_service(), &out);
+        assert_eq!(
+            fixed["spec"]["selector"]["app.kubernetes.io/name"],
+            "authentik-outpost-proxy"
+        );
+        assert_eq!(fixed["spec"]["selector"].as_object().unwrap().len(), 5);
+        let recorded = fixed["metadata"]["annotations"][ORIGINAL_SELECTOR]
+            .as_str()
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(recorded).unwrap(),
+            embedded_service()["spec"]["selector"]
+        );
+        assert!(auto(&view, &fixed).ops.is_empty());
+
+        // The controller's next PATCH merges its pair back in: the union is fixed again, and
+        // the record is not overwritten with the union.
+        let mut union = fixed.clone();
+        union["spec"]["selector"]["app.kubernetes.io/name"] = json!("authentik");
+        union["spec"]["selector"]["app.kubernetes.io/component"] = json!("server");
+        let again = apply(&union, &auto(&view, &union));
+        assert_eq!(again, fixed);
+    }
+
+    #[test]
+    fn auto_restores_the_recorded_selector_when_the_standalone_deployment_is_gone() {
+        let fixed = {
+            let svc = embedded_service();
+            apply(&svc, &auto(&cluster(true), &svc))
+        };
+        let restored = apply(&fixed, &auto(&cluster(false), &fixed));
+        assert_eq!(
+            restored["spec"]["selector"],
+            embedded_service()["spec"]["selector"]
+        );
+        assert!(auto(&cluster(false), &restored).ops.is_empty());
+        // The union, after a controller PATCH, is restored too.
+        let mut union = fixed.clone();
+        union["spec"]["selector"]["app.kubernetes.io/name"] = json!("authentik");
+        union["spec"]["selector"]["app.kubernetes.io/component"] = json!("server");
+        let restored = apply(&union, &auto(&cluster(false), &union));
+        assert_eq!(
+            restored["spec"]["selector"],
+            embedded_service()["spec"]["selector"]
+        );
+    }
+
+    #[test]
+    fn auto_never_rewrites_a_selector_without_the_controllers_embedded_pair() {
+        let mut svc = embedded_service();
+        svc["spec"]["selector"] = json!({"app": "mine"});
+        for standalone in [true, false] {
+            let out = auto(&cluster(standalone), &svc);
+            assert_eq!((out.ops.len(), out.warnings.len()), (0, 0), "{standalone}");
+        }
+    }
+
+    #[test]
+    fn the_secret_checksum_is_added_once_and_never_replaced_by_admission() {
+        let p = Policy::builtin().unwrap();
+        let obj = deployment(json!({"name": "proxy"}));
+        let mut view = Snapshot::default();
+        let data = |v: &str| {
+            ["HOST", "PORT", "USER", "PASSWORD", "NAME"]
+                .iter()
+                .map(|k| {
+                    (
+                        format!("AUTHENTIK_POSTGRESQL__{k}"),
+                        crate::core::cluster::digest(v.as_bytes()),
+                    )
+                })
+                .collect()
+        };
+        view.add_secret("", "goauthentik", data("one"));
+        let first = apply(
+            &obj,
+            &mutate_in(&p, &view, "", ObjectKind::Deployment, &obj),
+        );
+        let sum = first["spec"]["template"]["metadata"]["annotations"][SECRET_CHECKSUM].clone();
+        assert_eq!(sum.as_str().unwrap().len(), 64);
+        // The data changes; a replica that sees it first must not undo what the reconciler wrote.
+        view.add_secret("", "goauthentik", data("two"));
+        assert!(
+            mutate_in(&p, &view, "", ObjectKind::Deployment, &first)
+                .ops
+                .is_empty()
+        );
+        let fix = &p
+            .for_outpost(&Outpost {
+                name: "o",
+                kind: "proxy",
+                uuid: "u",
+            })
+            .deployment;
+        assert_ne!(
+            secret_checksum(fix, &view, "").unwrap(),
+            sum.as_str().unwrap()
+        );
+        // An unreferenced key changes nothing.
+        let mut other = data("two");
+        other.insert("UNRELATED".into(), crate::core::cluster::digest(b"x"));
+        let mut view2 = Snapshot::default();
+        view2.add_secret("", "goauthentik", other);
+        assert_eq!(
+            secret_checksum(fix, &view, ""),
+            secret_checksum(fix, &view2, "")
+        );
+        assert_eq!(secret_checksum(fix, &Off, ""), None);
     }
 
     #[test]

@@ -234,7 +234,7 @@ fn answer(app: &App, request: &admission::Request, started: Instant) -> Response
     );
     let _entered = span.enter();
     let policy = app.policy.current();
-    let outcome = admission::decide(&policy, request);
+    let outcome = admission::decide(&policy, &crate::core::cluster::Off, request);
     let body = admission::response(&request.uid, &outcome);
 
     let elapsed = started.elapsed();

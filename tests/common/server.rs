@@ -35,6 +35,15 @@ pub struct TestServer {
     pub running: Running,
     pub ca_pem: String,
     pub dir: TempDir,
+    /// Holds the policy file of [`TestServer::start_with_policy`].
+    policy_dir: Option<TempDir>,
+}
+
+/// The built-in policy with `selector: outpost`: what a server without a cluster view needs to
+/// rewrite the embedded outpost's selector.
+pub fn outpost_selector_policy() -> String {
+    outpost_webhook::core::policy::DEFAULT_POLICY_YAML
+        .replace("selector: auto", "selector: outpost")
 }
 
 impl TestServer {
@@ -67,7 +76,18 @@ impl TestServer {
             running,
             ca_pem: g.ca_pem,
             dir,
+            policy_dir: None,
         }
+    }
+
+    /// A server with the policy `yaml`, read from a file.
+    pub async fn start_with_policy(yaml: &str) -> Self {
+        let policy_dir = temp_dir("policy");
+        let path = policy_dir.path().join("policy.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let mut server = Self::start_with(|c| c.policy = Some(path)).await;
+        server.policy_dir = Some(policy_dir);
+        server
     }
 
     pub fn addr(&self) -> SocketAddr {

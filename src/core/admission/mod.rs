@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::core::{
+    cluster::{Off, View},
     mutate::{self, Outcome},
     policy::Policy,
 };
@@ -90,6 +91,7 @@ impl Request {
             version: &self.kind.version,
             kind: &self.kind.kind,
             sub_resource: self.sub_resource.as_deref(),
+            namespace: self.namespace.as_deref(),
             object: self.object.as_ref(),
         }
     }
@@ -140,11 +142,11 @@ pub fn parse(body: &[u8]) -> Result<Request, ReviewError> {
     review.request.ok_or(ReviewError::NoRequest)
 }
 
-/// Runs the core on a request. A dry-run request gets exactly the same answer: the webhook has
-/// no side effects (`sideEffects: None`).
+/// Runs the core on a request, given what `view` knows of the cluster. A dry-run request gets
+/// exactly the same answer: the webhook has no side effects (`sideEffects: None`).
 #[must_use]
-pub fn decide(policy: &Policy, request: &Request) -> Outcome {
-    mutate::mutate(policy, &request.as_core())
+pub fn decide(policy: &Policy, view: &dyn View, request: &Request) -> Outcome {
+    mutate::mutate(policy, view, &request.as_core())
 }
 
 /// The AdmissionReview response for `uid`: always allowed (the webhook never denies a write), with
@@ -182,13 +184,26 @@ pub fn response(uid: &str, outcome: &Outcome) -> Vec<u8> {
     out
 }
 
-/// A whole round trip: body in, the request that was read, the outcome, and the response body.
+/// A whole round trip with no view of the cluster: body in, the request that was read, the
+/// outcome, and the response body.
 ///
 /// # Errors
 /// As [`parse`].
 pub fn review(policy: &Policy, body: &[u8]) -> Result<(Request, Outcome, Vec<u8>), ReviewError> {
+    review_with(policy, &Off, body)
+}
+
+/// As [`review`], given what `view` knows of the cluster.
+///
+/// # Errors
+/// As [`parse`].
+pub fn review_with(
+    policy: &Policy,
+    view: &dyn View,
+    body: &[u8],
+) -> Result<(Request, Outcome, Vec<u8>), ReviewError> {
     let request = parse(body)?;
-    let outcome = decide(policy, &request);
+    let outcome = decide(policy, view, &request);
     let bytes = response(&request.uid, &outcome);
     Ok((request, outcome, bytes))
 }
@@ -221,7 +236,7 @@ mod tests {
 
     #[test]
     fn patch_goes_on_the_wire_as_standard_base64_with_uid_echoed() {
-        let p = Policy::builtin().unwrap();
+        let p = Policy::from_yaml("p", "rules: [{service: {selector: outpost}}]").unwrap();
         let (_, outcome, bytes) = review(&p, &body(&service_review())).unwrap();
         let out: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(out["apiVersion"], "admission.k8s.io/v1");
@@ -293,7 +308,7 @@ mod tests {
             mutate::ObjectKind::Deployment,
             &whole["request"]["object"],
         );
-        assert_eq!(decide(&p, &parse(body.as_bytes()).unwrap()), full);
+        assert_eq!(decide(&p, &Off, &parse(body.as_bytes()).unwrap()), full);
     }
 
     #[test]

@@ -12,7 +12,11 @@ mod checksum;
 mod compile;
 mod file;
 
-use std::{borrow::Cow, collections::BTreeMap, sync::Arc};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -53,6 +57,10 @@ pub enum SelectorMode {
     Keep,
     /// Replace it with the outpost's own pod labels when it is anything else.
     Outpost,
+    /// The outpost's own pod labels when a standalone Deployment runs them (the cluster view
+    /// says so); otherwise the controller's selector, which picks the authentik server pods that
+    /// serve an embedded outpost on a default install.
+    Auto,
 }
 
 /// A list entry the policy upserts, with the key it is matched on (env/volume name, mountPath).
@@ -84,11 +92,61 @@ pub struct DeploymentFix {
     pub checksum: Option<Checksum>,
 }
 
+/// A Secret key the injected env or volumes read; `key: None` for a whole Secret mounted as a
+/// volume.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SecretRef {
+    pub name: String,
+    pub key: Option<String>,
+}
+
 impl DeploymentFix {
     /// True when the policy injects nothing into a Deployment.
     #[must_use]
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// The Secret keys the injected env (`secretKeyRef`) and volumes (`secret`) read. Pods read
+    /// them only when they start, so a change of their data must roll the pods.
+    #[must_use]
+    pub fn secret_refs(&self) -> BTreeSet<SecretRef> {
+        let mut out = BTreeSet::new();
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+        for env in &self.env {
+            let r = env.value.pointer("/valueFrom/secretKeyRef");
+            if let (Some(name), Some(key)) = (
+                text(r.and_then(|r| r.get("name"))),
+                text(r.and_then(|r| r.get("key"))),
+            ) {
+                out.insert(SecretRef {
+                    name,
+                    key: Some(key),
+                });
+            }
+        }
+        for volume in &self.volumes {
+            let Some(secret) = volume.value.get("secret") else {
+                continue;
+            };
+            let Some(name) = text(secret.get("secretName")) else {
+                continue;
+            };
+            match secret.get("items").and_then(Value::as_array) {
+                Some(items) if !items.is_empty() => {
+                    for key in items.iter().filter_map(|i| text(i.get("key"))) {
+                        out.insert(SecretRef {
+                            name: name.clone(),
+                            key: Some(key),
+                        });
+                    }
+                }
+                _ => {
+                    out.insert(SecretRef { name, key: None });
+                }
+            }
+        }
+        out
     }
 }
 
@@ -213,6 +271,22 @@ impl Policy {
         self.rules.len()
     }
 
+    /// Every Secret any rule's env or volumes read: what the watch cache follows.
+    #[must_use]
+    pub fn secret_names(&self) -> BTreeSet<String> {
+        self.rules
+            .iter()
+            .flat_map(|r| {
+                let fix = DeploymentFix {
+                    env: r.deployment.env.clone(),
+                    volumes: r.deployment.volumes.clone(),
+                    ..DeploymentFix::default()
+                };
+                fix.secret_refs().into_iter().map(|s| s.name)
+            })
+            .collect()
+    }
+
     /// The merged policy for one outpost.
     #[must_use]
     pub fn for_outpost(&self, outpost: &Outpost<'_>) -> Cow<'_, Effective> {
@@ -303,7 +377,7 @@ mod tests {
     fn builtin_policy_parses_and_does_what_operators_patch_by_hand() {
         let p = Policy::builtin().unwrap();
         let e = p.for_outpost(&outpost("authentik-embedded-outpost", "proxy"));
-        assert_eq!(e.selector, SelectorMode::Outpost);
+        assert_eq!(e.selector, SelectorMode::Auto);
         assert_eq!(e.deployment.replicas, Some(2));
         assert_eq!(
             e.deployment.pod_labels.get("app.kubernetes.io/component"),

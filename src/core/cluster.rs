@@ -1,0 +1,174 @@
+//! The cluster facts a decision may depend on, as an input: does a standalone Deployment run an
+//! outpost, and what is the data of the Secret keys the policy injects.
+//!
+//! Pure: no I/O. Admission sees one object at a time, but whether a Service's selector is right
+//! depends on another object (the outpost's own Deployment), and whether pods run current
+//! credentials depends on a Secret. The shell keeps a watch cache and answers through [`View`];
+//! `mutate` builds a [`Snapshot`] from the documents it is given; [`Off`] knows nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::Engine as _;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::{mutate::pod_selector, policy::Outpost};
+use crate::k8s::MANAGED_BY;
+
+/// What the decisions may ask of the cluster.
+pub trait View {
+    /// Whether a Deployment in `namespace` runs `outpost` on its own: its
+    /// `spec.selector.matchLabels` are exactly the outpost's five pod labels. `None` when the
+    /// view is off and nobody knows.
+    fn standalone(&self, namespace: &str, outpost: &Outpost<'_>) -> Option<bool>;
+
+    /// The data of Secret `name` in `namespace`, as SHA-256 digests by key. `None` when the view
+    /// is off; an empty map when the Secret does not exist.
+    fn secret(&self, namespace: &str, name: &str) -> Option<BTreeMap<String, [u8; 32]>>;
+}
+
+/// No view of the cluster: every question is answered "unknown".
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Off;
+
+impl View for Off {
+    fn standalone(&self, _: &str, _: &Outpost<'_>) -> Option<bool> {
+        None
+    }
+
+    fn secret(&self, _: &str, _: &str) -> Option<BTreeMap<String, [u8; 32]>> {
+        None
+    }
+}
+
+/// Pod selectors as sorted label maps: the form both sides are compared in.
+pub type Labels = BTreeMap<String, String>;
+
+/// The facts, held in memory: built from documents (`mutate`) or kept by the watch cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Per namespace, the `matchLabels` of each outpost Deployment.
+    deployments: BTreeMap<String, BTreeSet<Labels>>,
+    /// Per (namespace, name), the digest of each key's data.
+    secrets: BTreeMap<(String, String), BTreeMap<String, [u8; 32]>>,
+}
+
+impl Snapshot {
+    /// A snapshot of `objects`: Deployments and Secrets are noted, everything else ignored.
+    /// `default_namespace` stands in for objects that name none (as `kubectl` does).
+    #[must_use]
+    pub fn of<'a>(objects: impl IntoIterator<Item = &'a Value>, default_namespace: &str) -> Self {
+        let mut snapshot = Self::default();
+        for object in objects {
+            let namespace = object
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or(default_namespace);
+            match object.get("kind").and_then(Value::as_str) {
+                Some("Deployment") => {
+                    if let Some(labels) = deployment_selector(object) {
+                        snapshot.add_deployment(namespace, labels);
+                    }
+                }
+                Some("Secret") => {
+                    let name = object.pointer("/metadata/name").and_then(Value::as_str);
+                    if let Some(name) = name {
+                        snapshot.add_secret(namespace, name, secret_digests(object));
+                    }
+                }
+                _ => {}
+            }
+        }
+        snapshot
+    }
+
+    /// Notes an outpost Deployment's `matchLabels`.
+    pub fn add_deployment(&mut self, namespace: &str, match_labels: Labels) {
+        self.deployments
+            .entry(namespace.to_owned())
+            .or_default()
+            .insert(match_labels);
+    }
+
+    /// Notes a Secret's data digests.
+    pub fn add_secret(&mut self, namespace: &str, name: &str, data: BTreeMap<String, [u8; 32]>) {
+        self.secrets
+            .insert((namespace.to_owned(), name.to_owned()), data);
+    }
+}
+
+impl View for Snapshot {
+    fn standalone(&self, namespace: &str, outpost: &Outpost<'_>) -> Option<bool> {
+        let wanted: Labels = pod_selector(outpost)
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_str()?.to_owned())))
+            .collect();
+        Some(
+            self.deployments
+                .get(namespace)
+                .is_some_and(|set| set.contains(&wanted)),
+        )
+    }
+
+    fn secret(&self, namespace: &str, name: &str) -> Option<BTreeMap<String, [u8; 32]>> {
+        Some(
+            self.secrets
+                .get(&(namespace.to_owned(), name.to_owned()))
+                .cloned()
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// An outpost Deployment's `spec.selector.matchLabels`, when it is one authentik's controller
+/// manages and the selector is plain labels.
+#[must_use]
+pub fn deployment_selector(deployment: &Value) -> Option<Labels> {
+    let managed = deployment
+        .pointer("/metadata/labels")
+        .and_then(|l| l.get(MANAGED_BY))
+        .and_then(Value::as_str);
+    if managed != Some(crate::k8s::MANAGED_BY_AUTHENTIK) {
+        return None;
+    }
+    deployment
+        .pointer("/spec/selector/matchLabels")?
+        .as_object()?
+        .iter()
+        .map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+        .collect()
+}
+
+/// A Secret's data, as a digest per key. The digests go into an annotation and a log line may
+/// name a key, so no value is ever kept, only its SHA-256.
+#[must_use]
+pub fn secret_digests(secret: &Value) -> BTreeMap<String, [u8; 32]> {
+    let mut out = BTreeMap::new();
+    // `data` holds base64 text; `stringData` (write-only, but present in files given to `mutate`)
+    // plain text, which the apiserver merges over `data`. Both are hashed as the bytes a pod
+    // reads, so a file and the stored Secret agree.
+    let text = |field: &str| {
+        secret
+            .get(field)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k, v.as_str()?)))
+    };
+    for (key, b64) in text("data") {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap_or_else(|_| b64.as_bytes().to_vec());
+        out.insert(key.clone(), digest(&bytes));
+    }
+    for (key, plain) in text("stringData") {
+        out.insert(key.clone(), digest(plain.as_bytes()));
+    }
+    out
+}
+
+/// The digest of one key's data.
+#[must_use]
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
