@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # outpost-webhook's image: the static binary FROM scratch, plus /etc/passwd and /etc/group naming
 # uid/gid 65532 (nonroot). Nothing else: no shell, no libc, no CA bundle (the webhook calls out
 # to nothing; it only serves).
@@ -11,6 +10,9 @@
 #   release: .github/workflows/release.yml (one static binary per arch on native runners, then
 #            `docker buildx build --platform linux/amd64,linux/arm64` runs this file; buildx
 #            sets TARGETARCH for each platform and copies that arch's binary)
+#
+# There is no `# syntax=` line: the builder's own Dockerfile frontend reads this file, so the
+# release pulls no frontend image either.
 #
 # Any builder works the same way: put a static linux binary for each arch at
 # target/image/bin/<arch>/outpost-webhook (scripts/build-static.sh does it), then build with

@@ -66,7 +66,7 @@ done
 if [ "${IMAGE_SH_NAMESPACE:-}" != "$work" ]; then
   command -v unshare >/dev/null || die "unshare (util-linux) is missing"
   IMAGE_SH_NAMESPACE=$work IMAGE_SH_STARTED=$started \
-    exec unshare --mount --propagation private -- "$0" "$@"
+    exec unshare --mount --propagation private -- "$root/scripts/image.sh" "$@"
 fi
 for dir in /var/lib /run; do
   host=$work/host${dir//\//-}
