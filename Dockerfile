@@ -1,25 +1,44 @@
-# syntax=docker/dockerfile:1
-# outpost-webhook: a glibc binary on distroless/cc (no shell, no package manager), non-root.
+# outpost-webhook's image: the static binary FROM scratch, plus /etc/passwd and /etc/group naming
+# uid/gid 65532 (nonroot). Nothing else: no shell, no libc, no CA bundle (the webhook calls out
+# to nothing; it only serves).
 #
-#   docker build -t ghcr.io/outpost-webhook/outpost-webhook:0.1.0 .
+# The binary is built before the image, not inside it, so no stage pulls a base image and the
+# same file serves both builders:
 #
-# The binary writes nothing at run time when it is given certificate files, so it runs with a
-# read-only root filesystem (deploy/base sets readOnlyRootFilesystem: true).
+#   local:   scripts/image.sh   (cargo builds target/image/bin/amd64/outpost-webhook, then
+#                                `buildah build` runs this file)
+#   release: .github/workflows/release.yml (one static binary per arch on native runners, then
+#            `docker buildx build --platform linux/amd64,linux/arm64` runs this file; buildx
+#            sets TARGETARCH for each platform and copies that arch's binary)
+#
+# There is no `# syntax=` line: the builder's own Dockerfile frontend reads this file, so the
+# release pulls no frontend image either.
+#
+# Any builder works the same way: put a static linux binary for each arch at
+# target/image/bin/<arch>/outpost-webhook (scripts/build-static.sh does it), then build with
+# TARGETARCH set (buildx and buildah set it from --platform). .dockerignore lets only those
+# files into the context.
 
-FROM docker.io/library/rust:1.95-bookworm AS build
-WORKDIR /src
-COPY . .
-# The cache mounts keep the registry and the build directory between builds; the binary is
-# copied out because a cache mount is not part of the image.
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin outpost-webhook \
- && cp target/release/outpost-webhook /outpost-webhook
+FROM scratch
 
-# Debian 12's glibc, as in the build stage. 65532 is distroless's `nonroot`.
-FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /outpost-webhook /usr/local/bin/outpost-webhook
+ARG TARGETARCH
+ARG VERSION=0.0.0-dev
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/outpost-webhook/outpost-webhook
+
+LABEL org.opencontainers.image.title="outpost-webhook" \
+      org.opencontainers.image.description="Kubernetes mutating admission webhook that fixes authentik outpost Services and Deployments" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+COPY image/etc/passwd image/etc/group /etc/
+COPY target/image/bin/${TARGETARCH}/outpost-webhook /usr/local/bin/outpost-webhook
+
+# 65532 is nonroot in image/etc/passwd; deploy/base sets the same uid and gid.
 USER 65532:65532
+# 8443: admission on TLS; 8080: /healthz, /readyz and /metrics on plain HTTP.
 EXPOSE 8443 8080
 ENTRYPOINT ["/usr/local/bin/outpost-webhook"]
 CMD ["serve"]
