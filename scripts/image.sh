@@ -270,7 +270,8 @@ echo "root mount options: $root_options"
 [[ ",$root_options," == *,ro,* ]] || die "the root filesystem is mounted $root_options, not ro"
 
 log "smoke test: one review through /mutate"
-review=examples/admissionreview-embedded-service.json
+# A Deployment: its fix needs no view of the cluster, which the smoke test has none of.
+review=tests/golden/embedded-deployment-create/review.json
 code=$(curl --silent --show-error --max-time 10 --cacert "$smoke/certs/ca.crt" \
   --header 'Content-Type: application/json' --data-binary "@$review" \
   --output "$smoke/response.json" --write-out '%{http_code}' \
