@@ -103,7 +103,12 @@ fn review_from_stdin_answers_with_the_review_response() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["response"]["allowed"], true);
     assert!(v["response"].get("patch").is_none(), "{v}");
-    assert!(v["response"]["warnings"][0].as_str().unwrap().contains("selector kept"));
+    assert!(
+        v["response"]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("selector kept")
+    );
 }
 
 #[test]

@@ -44,11 +44,14 @@ impl View for Off {
 /// Pod selectors as sorted label maps: the form both sides are compared in.
 pub type Labels = BTreeMap<String, String>;
 
-/// The facts, held in memory: built from documents (`mutate`) or kept by the watch cache.
+/// The facts, held in memory: built from documents (`mutate`) or kept up to date by the watch
+/// cache, event by event. Lookups cost a map search, whatever the number of outposts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// Per namespace, the `matchLabels` of each outpost Deployment.
-    deployments: BTreeMap<String, BTreeSet<Labels>>,
+    /// Each outpost Deployment's `matchLabels`, by (namespace, name).
+    deployments: BTreeMap<(String, String), Labels>,
+    /// How many Deployments in a namespace carry each `matchLabels`.
+    selectors: BTreeMap<(String, Labels), usize>,
     /// Per (namespace, name), the digest of each key's data.
     secrets: BTreeMap<(String, String), BTreeMap<String, [u8; 32]>>,
 }
@@ -64,36 +67,73 @@ impl Snapshot {
                 .pointer("/metadata/namespace")
                 .and_then(Value::as_str)
                 .unwrap_or(default_namespace);
+            let name = object
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             match object.get("kind").and_then(Value::as_str) {
                 Some("Deployment") => {
                     if let Some(labels) = deployment_selector(object) {
-                        snapshot.add_deployment(namespace, labels);
+                        snapshot.put_deployment(namespace, name, labels);
                     }
                 }
-                Some("Secret") => {
-                    let name = object.pointer("/metadata/name").and_then(Value::as_str);
-                    if let Some(name) = name {
-                        snapshot.add_secret(namespace, name, secret_digests(object));
-                    }
-                }
+                Some("Secret") => snapshot.put_secret(namespace, name, secret_digests(object)),
                 _ => {}
             }
         }
         snapshot
     }
 
-    /// Notes an outpost Deployment's `matchLabels`.
-    pub fn add_deployment(&mut self, namespace: &str, match_labels: Labels) {
+    /// Notes an outpost Deployment's `matchLabels` (replacing what was noted for it).
+    pub fn put_deployment(&mut self, namespace: &str, name: &str, match_labels: Labels) {
+        self.remove_deployment(namespace, name);
+        *self
+            .selectors
+            .entry((namespace.to_owned(), match_labels.clone()))
+            .or_default() += 1;
         self.deployments
-            .entry(namespace.to_owned())
-            .or_default()
-            .insert(match_labels);
+            .insert((namespace.to_owned(), name.to_owned()), match_labels);
+    }
+
+    /// Forgets a Deployment.
+    pub fn remove_deployment(&mut self, namespace: &str, name: &str) {
+        let Some(old) = self
+            .deployments
+            .remove(&(namespace.to_owned(), name.to_owned()))
+        else {
+            return;
+        };
+        let key = (namespace.to_owned(), old);
+        if let Some(n) = self.selectors.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.selectors.remove(&key);
+            }
+        }
     }
 
     /// Notes a Secret's data digests.
-    pub fn add_secret(&mut self, namespace: &str, name: &str, data: BTreeMap<String, [u8; 32]>) {
+    pub fn put_secret(&mut self, namespace: &str, name: &str, data: BTreeMap<String, [u8; 32]>) {
         self.secrets
             .insert((namespace.to_owned(), name.to_owned()), data);
+    }
+
+    /// Forgets a Secret.
+    pub fn remove_secret(&mut self, namespace: &str, name: &str) {
+        self.secrets
+            .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// How many outpost Deployments are noted.
+    #[must_use]
+    pub fn deployment_count(&self) -> usize {
+        self.deployments.len()
+    }
+
+    /// How many Secrets are noted.
+    #[must_use]
+    pub fn secret_count(&self) -> usize {
+        self.secrets.len()
     }
 }
 
@@ -103,11 +143,7 @@ impl View for Snapshot {
             .into_iter()
             .filter_map(|(k, v)| Some((k, v.as_str()?.to_owned())))
             .collect();
-        Some(
-            self.deployments
-                .get(namespace)
-                .is_some_and(|set| set.contains(&wanted)),
-        )
+        Some(self.selectors.contains_key(&(namespace.to_owned(), wanted)))
     }
 
     fn secret(&self, namespace: &str, name: &str) -> Option<BTreeMap<String, [u8; 32]>> {

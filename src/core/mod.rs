@@ -12,6 +12,7 @@ pub mod laws;
 pub mod mutate;
 pub mod policy;
 pub mod quantity;
+pub mod reconcile;
 
 /// Folds a parser's multi-line message onto one line, for logs, `kubectl` and `file:line:` errors.
 #[must_use]

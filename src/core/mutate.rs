@@ -294,6 +294,15 @@ enum Identity<'a> {
     Outpost(Outpost<'a>),
 }
 
+/// The outpost an object belongs to, when it carries all of authentik's outpost labels.
+#[must_use]
+pub fn identify_outpost(object: &Value) -> Option<Outpost<'_>> {
+    match identify(object) {
+        Identity::Outpost(o) => Some(o),
+        _ => None,
+    }
+}
+
 /// An outpost object carries authentik's managed-by label and all three outpost labels.
 fn identify(object: &Value) -> Identity<'_> {
     let labels = object
@@ -943,7 +952,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k, v.as_str().unwrap().to_owned()))
                 .collect();
-            s.add_deployment("authentik", labels);
+            s.put_deployment("authentik", "ak-outpost-o", labels);
         }
         s
     }
@@ -1055,7 +1064,7 @@ mod tests {
                 })
                 .collect()
         };
-        view.add_secret("", "goauthentik", data("one"));
+        view.put_secret("", "goauthentik", data("one"));
         let first = apply(
             &obj,
             &mutate_in(&p, &view, "", ObjectKind::Deployment, &obj),
@@ -1063,7 +1072,7 @@ mod tests {
         let sum = first["spec"]["template"]["metadata"]["annotations"][SECRET_CHECKSUM].clone();
         assert_eq!(sum.as_str().unwrap().len(), 64);
         // The data changes; a replica that sees it first must not undo what the reconciler wrote.
-        view.add_secret("", "goauthentik", data("two"));
+        view.put_secret("", "goauthentik", data("two"));
         assert!(
             mutate_in(&p, &view, "", ObjectKind::Deployment, &first)
                 .ops
@@ -1084,7 +1093,7 @@ mod tests {
         let mut other = data("two");
         other.insert("UNRELATED".into(), crate::core::cluster::digest(b"x"));
         let mut view2 = Snapshot::default();
-        view2.add_secret("", "goauthentik", other);
+        view2.put_secret("", "goauthentik", other);
         assert_eq!(
             secret_checksum(fix, &view, ""),
             secret_checksum(fix, &view2, "")
