@@ -42,7 +42,10 @@ pub enum Command {
     /// the old one stays in force. On SIGTERM or SIGINT, /readyz fails at once, requests are
     /// served for --drain-seconds, then idle connections close and in-flight requests finish.
     Serve(Box<serve::ServeArgs>),
-    /// Write a CA and a serving certificate for the webhook's Service: ca.crt, tls.crt, tls.key.
+    /// Write a CA and a serving certificate for the webhook's Service: ca.crt, ca.key, tls.crt,
+    /// tls.key; or, with --ca-cert and --ca-key, a new tls.crt and tls.key from an existing CA.
+    ///
+    /// Existing files are kept unless --force is given.
     Certs(certs::CertsArgs),
     /// Fix one object offline: a Service, a Deployment or an AdmissionReview (YAML or JSON).
     ///
