@@ -9,6 +9,8 @@ pub const MANAGED_BY_AUTHENTIK: &str = "goauthentik.io";
 pub const OUTPOST_NAME: &str = "goauthentik.io/outpost-name";
 pub const OUTPOST_TYPE: &str = "goauthentik.io/outpost-type";
 pub const OUTPOST_UUID: &str = "goauthentik.io/outpost-uuid";
+/// The values authentik writes in [`OUTPOST_TYPE`]: its `OutpostType` enum.
+pub const OUTPOST_TYPES: [&str; 4] = ["proxy", "ldap", "radius", "rac"];
 
 /// Pod labels that authentik's controller puts in a Deployment's immutable `spec.selector`.
 /// A policy must not set them: a template that stops matching its selector is rejected (422).

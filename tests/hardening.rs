@@ -290,3 +290,60 @@ fn webhook_config_ca_bundle_is_repeatable_old_then_new() {
     assert_eq!(stdout(&o), want);
     assert_ne!(stdout(&webhook_config(&[&new_ca, &old_ca])), want);
 }
+
+// ---- 3. policy check: quantities and outpost types ----
+
+fn policy_check(yaml: &str) -> (Output, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    fs::write(&file, yaml).unwrap();
+    let o = run(&["policy", "check", file.to_str().unwrap()]);
+    (o, file.display().to_string())
+}
+
+#[test]
+fn policy_check_refuses_bad_quantities_and_accepts_good_ones() {
+    for good in ["2Gi", "500m", "1e3"] {
+        let (o, _) = policy_check(&format!(
+            "rules:\n- deployment:\n    resources:\n      limits: {{memory: '{good}'}}\n"
+        ));
+        assert!(o.status.success(), "{good}: {}", stderr(&o));
+    }
+    let (o, file) =
+        policy_check("rules:\n- deployment:\n    resources:\n      limits: {memory: 2Gib}\n");
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!(
+            "{file}:4: rules[0].deployment.resources.limits.memory: \"2Gib\" is not a"
+        )),
+        "{}",
+        stderr(&o)
+    );
+    let (o, file) = policy_check(
+        "rules:\n- deployment:\n    volumes:\n    - name: tmp\n      emptyDir: {sizeLimit: 1GB}\n",
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!(
+            "{file}:4: rules[0].deployment.volumes[0]: emptyDir.sizeLimit: \"1GB\""
+        )),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn policy_check_refuses_unknown_outpost_types_listing_the_valid_ones() {
+    let (o, file) = policy_check("rules:\n- match:\n    types: [ldapp]\n");
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!(
+            "{file}:3: rules[0].match.types[0]: \"ldapp\" is not an authentik outpost type; \
+             valid: proxy, ldap, radius, rac"
+        )),
+        "{}",
+        stderr(&o)
+    );
+    let (o, _) = policy_check("rules:\n- match:\n    types: [proxy, ldap, radius, rac]\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+}

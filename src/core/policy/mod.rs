@@ -154,7 +154,6 @@ pub(crate) struct RuleDeployment {
     pub(crate) checksum_annotation: Option<String>,
 }
 
-
 impl Policy {
     /// The built-in policy.
     ///
@@ -519,6 +518,58 @@ rules:
     fn bad_uuid_and_empty_match_lists_are_refused() {
         assert!(invalid("rules: [{match: {uuids: [xyz]}}]").contains("match.uuids[0]"));
         assert!(invalid("rules: [{match: {names: []}}]").contains("matches nothing"));
+    }
+
+    #[test]
+    fn resource_quantities_follow_the_apiserver_grammar() {
+        for ok in ["2Gi", "500m", "1e3", "0.5", "128974848"] {
+            Policy::from_yaml(
+                "p.yaml",
+                &format!("rules: [{{deployment: {{resources: {{limits: {{memory: '{ok}'}}}}}}}}]"),
+            )
+            .unwrap();
+        }
+        let e = invalid("rules:\n- deployment:\n    resources:\n      limits: {memory: 2Gib}\n");
+        assert_eq!(
+            e,
+            "p.yaml:4: rules[0].deployment.resources.limits.memory: \"2Gib\" is not a \
+             non-negative Kubernetes quantity (e.g. 500m, 2Gi, 1e3, 128974848)"
+        );
+        let e = invalid("rules: [{deployment: {resources: {requests: {cpu: '-1'}}}}]");
+        assert!(e.contains("resources.requests.cpu: \"-1\""), "{e}");
+    }
+
+    #[test]
+    fn empty_dir_size_limit_must_be_a_quantity() {
+        Policy::from_yaml(
+            "p.yaml",
+            "rules: [{deployment: {volumes: [{name: t, emptyDir: {sizeLimit: 64Mi}}]}}]",
+        )
+        .unwrap();
+        let e =
+            invalid("rules: [{deployment: {volumes: [{name: t, emptyDir: {sizeLimit: 64MB}}]}}]");
+        assert!(
+            e.ends_with(
+                "rules[0].deployment.volumes[0]: emptyDir.sizeLimit: \"64MB\" is not a \
+                 non-negative Kubernetes quantity (e.g. 500m, 2Gi, 1e3, 128974848)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn match_types_must_be_authentik_outpost_types() {
+        Policy::from_yaml(
+            "p.yaml",
+            "rules: [{match: {types: [proxy, ldap, radius, rac]}}]",
+        )
+        .unwrap();
+        let e = invalid("rules:\n- match:\n    types: [ldapp]\n");
+        assert_eq!(
+            e,
+            "p.yaml:3: rules[0].match.types[0]: \"ldapp\" is not an authentik outpost type; \
+             valid: proxy, ldap, radius, rac"
+        );
     }
 
     #[test]
