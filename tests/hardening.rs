@@ -347,3 +347,29 @@ fn policy_check_refuses_unknown_outpost_types_listing_the_valid_ones() {
     let (o, _) = policy_check("rules:\n- match:\n    types: [proxy, ldap, radius, rac]\n");
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+// ---- 4. policy shape errors: file:line: field: message ----
+
+#[test]
+fn policy_shape_errors_name_the_file_line_and_field_briefly() {
+    let (o, file) =
+        policy_check("rules:\n  - match: {types: [proxy]}\n    deployment:\n      replicass: 2\n");
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!(
+            "{file}:4: rules[0].deployment.replicass: unknown field; expected one of replicas,"
+        )),
+        "{e}"
+    );
+    assert!(
+        !e.contains("<input>") && e.lines().count() == 1 && e.len() < 300,
+        "{e}"
+    );
+    let (o, file) = policy_check("rules:\n  - deployment:\n      env: {a: 1}\n");
+    assert!(
+        stderr(&o).contains(&format!("{file}:3: rules[0].deployment.env: ")),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -573,8 +573,34 @@ rules:
     }
 
     #[test]
-    fn yaml_syntax_errors_name_the_file() {
+    fn yaml_syntax_errors_name_the_file_and_line() {
         let e = invalid("rules: [\n");
-        assert!(e.starts_with("p.yaml: "), "{e}");
+        assert!(e.starts_with("p.yaml:1: "), "{e}");
+    }
+
+    #[test]
+    fn shape_errors_are_file_line_field_message_and_short() {
+        let e =
+            invalid("rules:\n  - match: {types: [proxy]}\n    deployment:\n      replicass: 2\n");
+        assert_eq!(
+            e,
+            "p.yaml:4: rules[0].deployment.replicass: unknown field; expected one of replicas, \
+             podLabels, podAnnotations, env, volumes, volumeMounts, resources, readinessProbe, \
+             strategy, checksumAnnotation"
+        );
+        let e = invalid("rules:\n  - deployment: {}\n  - deployment:\n      env: {a: 1}\n");
+        assert!(e.starts_with("p.yaml:4: rules[1].deployment.env: "), "{e}");
+        assert!(!e.contains("<input>") && e.len() < 120, "{e}");
+        let e = invalid("rules:\n  - service: {selector: outposts}\n");
+        assert_eq!(
+            e,
+            "p.yaml:2: rules[0].service.selector: unknown variant `outposts`, expected one of \
+             keep, outpost"
+        );
+        let e = invalid("rule: []\n");
+        assert!(
+            e.starts_with("p.yaml:1: rule: unknown field; expected one of rules"),
+            "{e}"
+        );
     }
 }
