@@ -25,7 +25,6 @@ fn run(args: &[&str]) -> Output {
     bin().args(args).output().unwrap()
 }
 
-#[allow(dead_code)] // used by the `policy import -` tests
 fn run_stdin(args: &[&str], stdin: &str) -> Output {
     let mut child = bin()
         .args(args)
@@ -372,4 +371,51 @@ fn policy_shape_errors_name_the_file_line_and_field_briefly() {
         "{}",
         stderr(&o)
     );
+}
+
+// ---- 5. policy import --strict and stdin ----
+
+const PATCHES: &str = r#"{"deployment": [
+  {"op": "add", "path": "/spec/replicas", "value": 2},
+  {"op": "add", "path": "/spec/template/spec/hostNetwork", "value": true}
+]}"#;
+
+const EXPRESSIBLE: &str =
+    r#"{"deployment": [{"op": "add", "path": "/spec/replicas", "value": 2}]}"#;
+
+#[test]
+fn policy_import_reads_standard_input() {
+    let o = run_stdin(&["policy", "import", "-f", "-"], EXPRESSIBLE);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("replicas: 2"), "{}", stdout(&o));
+    let o = run_stdin(
+        &["policy", "import", "--from-json-patches", "-"],
+        "not json",
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("standard input is not JSON"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn policy_import_strict_exits_1_after_printing_what_was_dropped() {
+    let o = run_stdin(&["policy", "import", "-f", "-"], PATCHES);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_stdin(&["policy", "import", "-f", "-", "--strict"], PATCHES);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("not expressible: ") && e.contains("hostNetwork"),
+        "{e}"
+    );
+    assert!(
+        e.contains("--strict: 1 operation(s) could not be expressed"),
+        "{e}"
+    );
+    assert!(stdout(&o).contains("replicas: 2"), "{}", stdout(&o));
+    let o = run_stdin(&["policy", "import", "-f", "-", "--strict"], EXPRESSIBLE);
+    assert!(o.status.success(), "{}", stderr(&o));
 }

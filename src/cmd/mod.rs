@@ -83,6 +83,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("--strict: {count} operation(s) could not be expressed in the policy")]
+    Dropped { count: usize },
     #[error("{what} is not JSON")]
     Json {
         what: String,
