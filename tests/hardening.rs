@@ -419,3 +419,50 @@ fn policy_import_strict_exits_1_after_printing_what_was_dropped() {
     let o = run_stdin(&["policy", "import", "-f", "-", "--strict"], EXPRESSIBLE);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+// ---- 6. --version carries the commit ----
+
+/// `outpost-webhook 0.1.0 (commit <12 hex>[-dirty])`, or `(commit unknown)` without git.
+fn assert_version_line(out: &str) {
+    let want = format!("outpost-webhook {} (commit ", env!("CARGO_PKG_VERSION"));
+    let commit = out
+        .strip_prefix(&want)
+        .and_then(|r| r.strip_suffix(")\n"))
+        .unwrap_or_else(|| panic!("{out:?} does not start with {want:?}"));
+    let hash = commit.strip_suffix("-dirty").unwrap_or(commit);
+    assert!(
+        commit == "unknown" || (hash.len() == 12 && hash.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn version_names_the_commit_and_subcommands_say_outpost_webhook() {
+    let top = run(&["--version"]);
+    assert!(top.status.success());
+    assert_version_line(&stdout(&top));
+    for args in [
+        &["serve", "-V"][..],
+        &["certs", "--version"],
+        &["policy", "-V"],
+        &["policy", "check", "-V"],
+    ] {
+        let o = run(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        assert_eq!(stdout(&o), stdout(&top), "{args:?}");
+    }
+    // Built from a git checkout, the hash is HEAD's.
+    if let Ok(git) = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        && git.status.success()
+    {
+        let head = stdout(&git);
+        assert!(
+            stdout(&top).contains(head.trim()),
+            "{} vs {head}",
+            stdout(&top)
+        );
+    }
+}

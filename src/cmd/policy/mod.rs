@@ -15,13 +15,16 @@ use crate::core::policy::DEFAULT_POLICY_YAML;
 /// The `policy` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
+    #[command(display_name = "outpost-webhook")]
     /// Validate a policy file; exits non-zero with file, line and field on the first problem.
     Check {
         /// The policy file.
         file: PathBuf,
     },
     /// Print the built-in policy.
+    #[command(display_name = "outpost-webhook")]
     Default,
+    #[command(display_name = "outpost-webhook")]
     /// Turn an outpost's `kubernetes_json_patches` into a policy. Prints the policy on stdout and
     /// every operation it cannot express on stderr (and as comments in the policy).
     Import {
