@@ -9,6 +9,8 @@ pub const MANAGED_BY_AUTHENTIK: &str = "goauthentik.io";
 pub const OUTPOST_NAME: &str = "goauthentik.io/outpost-name";
 pub const OUTPOST_TYPE: &str = "goauthentik.io/outpost-type";
 pub const OUTPOST_UUID: &str = "goauthentik.io/outpost-uuid";
+/// The values authentik writes in [`OUTPOST_TYPE`]: its `OutpostType` enum.
+pub const OUTPOST_TYPES: [&str; 4] = ["proxy", "ldap", "radius", "rac"];
 
 /// The selector authentik's controller gives an embedded outpost's Service: the authentik server
 /// pods, which run the embedded outpost on a default install.

@@ -22,16 +22,27 @@ use crate::{
     },
 };
 
+/// `0.1.0 (commit 0123456789ab)`: the package version and the commit build.rs found (`-dirty`
+/// when the tree had changes, `unknown` when built without git).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("OUTPOST_WEBHOOK_COMMIT"),
+    ")"
+);
+
 /// A mutating admission webhook that fixes the Services and Deployments authentik's outpost
 /// controller writes: the embedded outpost's selector, PostgreSQL credentials, pod labels,
 /// replicas and a config checksum. One policy, every outpost, no hand-written JSON patches.
 #[derive(Debug, Parser)]
-#[command(name = "outpost-webhook", version, propagate_version = true)]
+#[command(name = "outpost-webhook", version = VERSION, propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
+// Each subcommand's `display_name` is set: clap would otherwise print `serve -V` as
+// `outpost-webhook-serve 0.1.0`, a program that does not exist.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve admission on TLS and health, readiness and metrics on plain HTTP.
@@ -41,19 +52,26 @@ pub enum Command {
     /// files are polled and reloaded when their content changes; a bad new file is refused and
     /// the old one stays in force. On SIGTERM or SIGINT, /readyz fails at once, requests are
     /// served for --drain-seconds, then idle connections close and in-flight requests finish.
+    #[command(display_name = "outpost-webhook")]
     Serve(Box<serve::ServeArgs>),
-    /// Write a CA and a serving certificate for the webhook's Service: ca.crt, tls.crt, tls.key.
+    /// Write a CA and a serving certificate for the webhook's Service: ca.crt, ca.key, tls.crt,
+    /// tls.key; or, with --ca-cert and --ca-key, a new tls.crt and tls.key from an existing CA.
+    ///
+    /// Existing files are kept unless --force is given.
+    #[command(display_name = "outpost-webhook")]
     Certs(certs::CertsArgs),
     /// Fix one object offline: a Service, a Deployment or an AdmissionReview (YAML or JSON).
     ///
     /// Prints the patched object (or the patch, or the review response) on stdout and any
     /// warnings on stderr. Exits non-zero when the input cannot be read.
+    #[command(display_name = "outpost-webhook")]
     Mutate(mutate::MutateArgs),
     /// Print the MutatingWebhookConfiguration (deploy/base/webhook.yaml) with a CA bundle and a
     /// client config, for `kubectl apply -f -`.
+    #[command(display_name = "outpost-webhook")]
     WebhookConfig(webhook_config::WebhookConfigArgs),
     /// Work with policy files.
-    #[command(subcommand)]
+    #[command(subcommand, display_name = "outpost-webhook")]
     Policy(policy::PolicyCommand),
 }
 
@@ -80,6 +98,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("--strict: {count} operation(s) could not be expressed in the policy")]
+    Dropped { count: usize },
     #[error("{what} is not JSON")]
     Json {
         what: String,

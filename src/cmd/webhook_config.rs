@@ -2,9 +2,9 @@
 //! `deploy/base/webhook.yaml` (compiled in, so the binary and `deploy/` cannot drift), with a CA
 //! bundle and a client config filled in.
 //!
-//! [`execute`] reads the CA file and prints; [`render`] is pure.
+//! [`execute`] reads the CA files and prints; [`ca_bundle`] and [`render`] are pure.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use clap::Args;
@@ -14,14 +14,17 @@ use super::Error;
 use crate::{
     core::admission::MUTATE_PATH,
     k8s::{valid_label_value, valid_qualified_name},
+    pki::{self, x509::BundleError},
 };
 
 /// Flags of `webhook-config`.
 #[derive(Debug, Args)]
 pub struct WebhookConfigArgs {
-    /// The CA bundle (PEM) the apiserver verifies the webhook with, e.g. `certs`' ca.crt.
+    /// A CA bundle (PEM CA certificates only) the apiserver verifies the webhook with, e.g.
+    /// `certs`' ca.crt. Repeatable: give the old CA and the new one to rotate without a gap;
+    /// the certificates go into caBundle in the order given.
     #[arg(long, value_name = "FILE")]
-    pub ca_bundle: Option<PathBuf>,
+    pub ca_bundle: Vec<PathBuf>,
     /// The webhook's Service.
     #[arg(long, default_value = "outpost-webhook", conflicts_with = "url")]
     pub service: String,
@@ -45,14 +48,19 @@ pub struct WebhookConfigArgs {
 /// Runs `webhook-config`: prints the registration.
 ///
 /// # Errors
-/// When the CA bundle cannot be read, or a flag is malformed.
+/// When a CA bundle cannot be read or holds anything but CA certificates, or a flag is
+/// malformed.
 pub fn execute(args: WebhookConfigArgs) -> Result<(), Error> {
-    let ca_bundle = match &args.ca_bundle {
-        Some(p) => Some(
-            std::fs::read(p)
-                .map_err(|source| Error::io(format!("cannot read {}", p.display()), source))?,
-        ),
-        None => None,
+    let mut files = Vec::with_capacity(args.ca_bundle.len());
+    for p in &args.ca_bundle {
+        let bytes = std::fs::read(p)
+            .map_err(|source| Error::io(format!("cannot read {}", p.display()), source))?;
+        files.push((p.as_path(), bytes));
+    }
+    let ca_bundle = if files.is_empty() {
+        None
+    } else {
+        Some(ca_bundle(&files)?.into_bytes())
     };
     let target = match args.url {
         Some(url) => Target::Url(url),
@@ -85,9 +93,34 @@ pub enum Target {
     Url(String),
 }
 
+/// The certificates of every file, in order, as one PEM bundle.
+///
+/// # Errors
+/// When a file holds no certificate, a block that is not a certificate (a private key, say),
+/// or a certificate that is not a CA (the serving certificate instead of its CA).
+pub fn ca_bundle(files: &[(&Path, Vec<u8>)]) -> Result<String, WebhookConfigError> {
+    let mut out = String::new();
+    for (path, bytes) in files {
+        let ders = pki::x509::ca_bundle(bytes).map_err(|source| WebhookConfigError::CaBundle {
+            path: path.display().to_string(),
+            source,
+        })?;
+        for der in ders {
+            out.push_str(&pki::pem_certificate(&der));
+        }
+    }
+    Ok(out)
+}
+
 /// Why the registration could not be rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookConfigError {
+    #[error("--ca-bundle {path}")]
+    CaBundle {
+        path: String,
+        #[source]
+        source: BundleError,
+    },
     #[error("the built-in registration does not parse: {0}")]
     Builtin(String),
     #[error("--namespace-selector {0:?}: expected key=value[,key=value...]")]
@@ -214,6 +247,34 @@ mod tests {
             json!({"url": "https://127.0.0.1:8443/mutate"})
         );
         assert_eq!(v["webhooks"][0]["failurePolicy"], "Fail");
+    }
+
+    #[test]
+    fn ca_bundles_are_concatenated_in_order_and_name_the_bad_file() {
+        let (old, new) = (
+            pki::Ca::new("old", 10).unwrap(),
+            pki::Ca::new("new", 10).unwrap(),
+        );
+        let leaf = old.serving(&["a".into()], 5).unwrap();
+        let bundle = ca_bundle(&[
+            (Path::new("old.crt"), old.pem().into_bytes()),
+            (Path::new("new.crt"), new.pem().into_bytes()),
+        ])
+        .unwrap();
+        assert_eq!(bundle, format!("{}{}", old.pem(), new.pem()));
+        let e = ca_bundle(&[
+            (Path::new("old.crt"), old.pem().into_bytes()),
+            (Path::new("tls.crt"), leaf.cert_pem.into_bytes()),
+        ])
+        .unwrap_err();
+        assert_eq!(e.to_string(), "--ca-bundle tls.crt");
+        assert!(matches!(
+            e,
+            WebhookConfigError::CaBundle {
+                source: BundleError::NotCa { index: 1, .. },
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -106,6 +106,17 @@ pub(crate) fn parse_quantity(s: &str) -> Option<Parsed> {
     Some(Parsed { mantissa, ten, two })
 }
 
+/// True when `s` is a Kubernetes quantity the apiserver accepts that is not negative, as the
+/// apiserver requires of resource requests and limits and of `emptyDir.sizeLimit`.
+///
+/// The grammar (k8s.io/apimachinery `resource.Quantity`): a signed decimal number (`1`, `1.5`,
+/// `.5`, `1.`), then a binary suffix (`Ki` `Mi` `Gi` `Ti` `Pi` `Ei`), a decimal suffix (`n` `u`
+/// `m` `k` `M` `G` `T` `P` `E`) or a decimal exponent (`e3`, `E-2`), or nothing.
+#[must_use]
+pub(crate) fn valid_non_negative_quantity(s: &str) -> bool {
+    parse_quantity(s).is_some_and(|p| p.mantissa >= 0)
+}
+
 /// Exact numeric equality of two quantities (`2Gi` == `2048Mi`, `0.5` == `500m`).
 pub(crate) fn quantities_equal(a: &str, b: &str) -> bool {
     let (Some(a), Some(b)) = (parse_quantity(a), parse_quantity(b)) else {
@@ -151,6 +162,35 @@ mod tests {
             ("", "0"),
         ] {
             assert!(!quantities_equal(a, b), "{a} != {b}");
+        }
+    }
+
+    #[test]
+    fn quantity_grammar_is_the_apiservers() {
+        for ok in [
+            "2Gi",
+            "500m",
+            "1e3",
+            "1E-2",
+            "0.5",
+            ".5",
+            "1.",
+            "+1",
+            "128974848",
+            "129e6",
+            "129M",
+            "123Mi",
+            "100n",
+            "1u",
+            "0",
+        ] {
+            assert!(valid_non_negative_quantity(ok), "{ok}");
+        }
+        for bad in [
+            "2Gib", "2gi", "2GB", "1ki", "Gi", "", " 1", "1 ", "1.2.3", "-1", "-500m", "e3", "1e",
+            "1e3Gi", "0x10", "1,5",
+        ] {
+            assert!(!valid_non_negative_quantity(bad), "{bad}");
         }
     }
 

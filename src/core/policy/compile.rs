@@ -21,7 +21,8 @@ use super::{
 };
 use crate::{
     core::one_line,
-    k8s::{SELECTOR_LABELS, valid_label_value, valid_qualified_name},
+    core::quantity::valid_non_negative_quantity,
+    k8s::{OUTPOST_TYPES, SELECTOR_LABELS, valid_label_value, valid_qualified_name},
 };
 
 /// Where validation is: file, line and field path, for error messages.
@@ -58,14 +59,21 @@ pub(super) fn rule(cx: &mut Cx<'_>, rule: FileRule) -> Result<Rule, PolicyError>
     let m = rule.matcher.unwrap_or_default();
     let matcher = Matcher {
         names: compile_match_list(cx, "match.names", m.names, |s| {
-            valid_label_value(s) && !s.is_empty()
+            (!valid_label_value(s) || s.is_empty())
+                .then(|| format!("{s:?} is not a valid outpost name (a label value)"))
         })?,
         types: compile_match_list(cx, "match.types", m.types, |s| {
-            valid_label_value(s) && !s.is_empty()
+            (!OUTPOST_TYPES.contains(&s)).then(|| {
+                format!(
+                    "{s:?} is not an authentik outpost type; valid: {}",
+                    OUTPOST_TYPES.join(", ")
+                )
+            })
         })?,
         uuids: compile_match_list(cx, "match.uuids", m.uuids, |s| {
             let n = normalize_uuid(s);
-            n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit())
+            (n.len() != 32 || !n.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| format!("{s:?} is not a UUID"))
         })?
         .map(|l| l.iter().map(|u| normalize_uuid(u)).collect()),
     };
@@ -84,7 +92,7 @@ fn compile_match_list(
     cx: &Cx<'_>,
     field: &str,
     list: Option<Vec<Spanned<String>>>,
-    valid: impl Fn(&str) -> bool,
+    problem: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<Vec<String>>, PolicyError> {
     let Some(list) = list else { return Ok(None) };
     if list.is_empty() {
@@ -95,14 +103,11 @@ fn compile_match_list(
     }
     list.into_iter()
         .enumerate()
-        .map(|(i, s)| {
-            if valid(&s.value) {
-                Ok(s.value)
-            } else {
-                Err(cx
-                    .at(s.referenced.line(), format!("{}.{field}[{i}]", cx.path))
-                    .err("", format!("{:?} is not a valid value here", s.value)))
-            }
+        .map(|(i, s)| match problem(&s.value) {
+            None => Ok(s.value),
+            Some(message) => Err(cx
+                .at(s.referenced.line(), format!("{}.{field}[{i}]", cx.path))
+                .err("", message)),
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
@@ -151,16 +156,33 @@ fn compile_deployment(cx: &Cx<'_>, d: FileDeployment) -> Result<RuleDeployment, 
         }
         out.checksum_annotation = Some(a.value);
     }
-    out.env = compile_keyed::<EnvVar>(cx, "deployment.env", d.env, "name", check_env)?;
-    out.volumes = compile_keyed::<Volume>(cx, "deployment.volumes", d.volumes, "name", |_| None)?;
+    out.env = compile_keyed::<EnvVar>(cx, "deployment.env", d.env, "name", |e| {
+        check_env(e).map(String::from)
+    })?;
+    out.volumes = compile_keyed::<Volume>(cx, "deployment.volumes", d.volumes, "name", |v| {
+        let size = v.empty_dir.as_ref()?.size_limit.as_ref()?;
+        (!valid_non_negative_quantity(&size.0))
+            .then(|| quantity_problem("emptyDir.sizeLimit", &size.0))
+    })?;
     out.volume_mounts = compile_keyed::<VolumeMount>(
         cx,
         "deployment.volumeMounts",
         d.volume_mounts,
         "mountPath",
-        |m| m.name.is_empty().then_some("name: must not be empty"),
+        |m| {
+            m.name
+                .is_empty()
+                .then(|| "name: must not be empty".to_owned())
+        },
     )?;
+    let resources_line = d.resources.as_ref().map(|r| r.referenced.line());
     out.resources = compile_one::<ResourceRequirements>(cx, "deployment.resources", d.resources)?;
+    if let (Some(line), Some(resources)) = (resources_line, &out.resources) {
+        check_resources(
+            &cx.at(line, format!("{}.deployment.resources", cx.path)),
+            resources,
+        )?;
+    }
     out.readiness_probe = compile_one::<Probe>(cx, "deployment.readinessProbe", d.readiness_probe)?;
     out.strategy = compile_one::<DeploymentStrategy>(cx, "deployment.strategy", d.strategy)?;
     if let Some(s) = &out.strategy {
@@ -179,6 +201,43 @@ fn compile_deployment(cx: &Cx<'_>, d: FileDeployment) -> Result<RuleDeployment, 
         }
     }
     Ok(out)
+}
+
+/// The apiserver refuses a request or limit that is not a non-negative quantity, so a policy
+/// that sets one would fail every admission it patches.
+fn check_resources(cx: &Cx<'_>, resources: &Value) -> Result<(), PolicyError> {
+    for list in ["limits", "requests"] {
+        let Some(map) = resources.get(list).and_then(Value::as_object) else {
+            continue;
+        };
+        for (name, value) in map {
+            let ok = match value {
+                Value::String(q) => valid_non_negative_quantity(q),
+                Value::Number(n) => n.as_f64().is_some_and(|f| f >= 0.0),
+                _ => false,
+            };
+            if !ok {
+                let shown = value
+                    .as_str()
+                    .map_or_else(|| value.to_string(), str::to_owned);
+                return Err(cx.err(&format!("{list}.{name}"), quantity_problem("", &shown)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The message for a value that is not a non-negative Kubernetes quantity; `field`, when not
+/// empty, is put first.
+fn quantity_problem(field: &str, value: &str) -> String {
+    let prefix = if field.is_empty() {
+        String::new()
+    } else {
+        format!("{field}: ")
+    };
+    format!(
+        "{prefix}{value:?} is not a non-negative Kubernetes quantity (e.g. 500m, 2Gi, 1e3, 128974848)"
+    )
 }
 
 fn check_env(e: &EnvVar) -> Option<&'static str> {
@@ -211,7 +270,7 @@ fn compile_keyed<T: DeserializeOwned + Serialize>(
     field: &str,
     list: Objects,
     key_field: &str,
-    extra: impl Fn(&T) -> Option<&'static str>,
+    extra: impl Fn(&T) -> Option<String>,
 ) -> Result<Vec<Keyed>, PolicyError> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();

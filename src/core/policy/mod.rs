@@ -595,8 +595,86 @@ rules:
     }
 
     #[test]
-    fn yaml_syntax_errors_name_the_file() {
+    fn resource_quantities_follow_the_apiserver_grammar() {
+        for ok in ["2Gi", "500m", "1e3", "0.5", "128974848"] {
+            Policy::from_yaml(
+                "p.yaml",
+                &format!("rules: [{{deployment: {{resources: {{limits: {{memory: '{ok}'}}}}}}}}]"),
+            )
+            .unwrap();
+        }
+        let e = invalid("rules:\n- deployment:\n    resources:\n      limits: {memory: 2Gib}\n");
+        assert_eq!(
+            e,
+            "p.yaml:4: rules[0].deployment.resources.limits.memory: \"2Gib\" is not a \
+             non-negative Kubernetes quantity (e.g. 500m, 2Gi, 1e3, 128974848)"
+        );
+        let e = invalid("rules: [{deployment: {resources: {requests: {cpu: '-1'}}}}]");
+        assert!(e.contains("resources.requests.cpu: \"-1\""), "{e}");
+    }
+
+    #[test]
+    fn empty_dir_size_limit_must_be_a_quantity() {
+        Policy::from_yaml(
+            "p.yaml",
+            "rules: [{deployment: {volumes: [{name: t, emptyDir: {sizeLimit: 64Mi}}]}}]",
+        )
+        .unwrap();
+        let e =
+            invalid("rules: [{deployment: {volumes: [{name: t, emptyDir: {sizeLimit: 64MB}}]}}]");
+        assert!(
+            e.ends_with(
+                "rules[0].deployment.volumes[0]: emptyDir.sizeLimit: \"64MB\" is not a \
+                 non-negative Kubernetes quantity (e.g. 500m, 2Gi, 1e3, 128974848)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn match_types_must_be_authentik_outpost_types() {
+        Policy::from_yaml(
+            "p.yaml",
+            "rules: [{match: {types: [proxy, ldap, radius, rac]}}]",
+        )
+        .unwrap();
+        let e = invalid("rules:\n- match:\n    types: [ldapp]\n");
+        assert_eq!(
+            e,
+            "p.yaml:3: rules[0].match.types[0]: \"ldapp\" is not an authentik outpost type; \
+             valid: proxy, ldap, radius, rac"
+        );
+    }
+
+    #[test]
+    fn yaml_syntax_errors_name_the_file_and_line() {
         let e = invalid("rules: [\n");
-        assert!(e.starts_with("p.yaml: "), "{e}");
+        assert!(e.starts_with("p.yaml:1: "), "{e}");
+    }
+
+    #[test]
+    fn shape_errors_are_file_line_field_message_and_short() {
+        let e =
+            invalid("rules:\n  - match: {types: [proxy]}\n    deployment:\n      replicass: 2\n");
+        assert_eq!(
+            e,
+            "p.yaml:4: rules[0].deployment.replicass: unknown field; expected one of replicas, \
+             podLabels, podAnnotations, env, volumes, volumeMounts, resources, readinessProbe, \
+             strategy, checksumAnnotation"
+        );
+        let e = invalid("rules:\n  - deployment: {}\n  - deployment:\n      env: {a: 1}\n");
+        assert!(e.starts_with("p.yaml:4: rules[1].deployment.env: "), "{e}");
+        assert!(!e.contains("<input>") && e.len() < 120, "{e}");
+        let e = invalid("rules:\n  - service: {selector: outposts}\n");
+        assert_eq!(
+            e,
+            "p.yaml:2: rules[0].service.selector: unknown variant `outposts`, expected one of \
+             keep, outpost"
+        );
+        let e = invalid("rule: []\n");
+        assert!(
+            e.starts_with("p.yaml:1: rule: unknown field; expected one of rules"),
+            "{e}"
+        );
     }
 }
