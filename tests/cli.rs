@@ -8,6 +8,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
+use base64::Engine as _;
 use serde_json::Value;
 
 fn run(args: &[&str], stdin: &[u8]) -> Output {
@@ -159,7 +160,6 @@ fn policy_check_accepts_the_example_and_names_file_line_and_field_of_a_bad_one()
             bad.display()
         )
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -223,23 +223,30 @@ fn policy_import_of_the_operators_patches_does_what_they_did() {
 
 #[test]
 fn webhook_config_renders_the_registration_with_a_ca_bundle() {
-    let dir = std::env::temp_dir().join(format!("ow-whc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("ca.crt"), "CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = outpost_webhook::pki::generate(&["x".into()], 1)
+        .unwrap()
+        .ca_pem;
+    std::fs::write(dir.path().join("ca.crt"), &ca).unwrap();
     let out = run(
         &[
             "webhook-config",
             "--ca-bundle",
-            dir.join("ca.crt").to_str().unwrap(),
+            dir.path().join("ca.crt").to_str().unwrap(),
         ],
         b"",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: Value = serde_saphyr::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["webhooks"][0]["clientConfig"]["caBundle"], "Q0E=");
+    let bundle = v["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .unwrap();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(bundle)
+        .unwrap();
+    assert_eq!(String::from_utf8(decoded).unwrap().trim(), ca.trim());
     assert_eq!(
         v["webhooks"][0]["clientConfig"]["service"]["path"],
         "/mutate"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }

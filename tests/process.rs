@@ -219,6 +219,6 @@ fn a_bad_certificate_or_policy_at_start_exits_non_zero_naming_the_file() {
         "--policy",
         "bad.yaml",
     ]);
-    assert!(policy.starts_with("error: bad.yaml: "), "{policy}");
+    assert!(policy.starts_with("error: bad.yaml:3: "), "{policy}");
     assert!(policy.contains("replicas"), "{policy}");
 }

@@ -59,7 +59,7 @@ impl Served {
     /// for more.
     pub async fn assert_serves(&self, ca: &str) -> (Http1, Value) {
         let mut client = Http1::connect(self.addr, ca).await;
-        let review = golden_review("embedded-service-create");
+        let review = golden_review("embedded-deployment-create");
         let (status, answer) = client.review(&review).await;
         assert_eq!(status, 200);
         apply_answer(&review, &answer);

@@ -669,7 +669,7 @@ rules:
         assert_eq!(
             e,
             "p.yaml:2: rules[0].service.selector: unknown variant `outposts`, expected one of \
-             keep, outpost"
+             keep, outpost, auto"
         );
         let e = invalid("rule: []\n");
         assert!(
