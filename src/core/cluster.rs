@@ -6,7 +6,7 @@
 //! credentials depends on a Secret. The shell keeps a watch cache and answers through [`View`];
 //! `mutate` builds a [`Snapshot`] from the documents it is given; [`Off`] knows nothing.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use serde_json::Value;

@@ -63,7 +63,7 @@ pub fn plan(
         let selector_ops: Vec<PatchOperation> = outcome
             .ops
             .into_iter()
-            .filter(|op| touches_selector(op))
+            .filter(touches_selector)
             .collect();
         if !selector_ops.is_empty() {
             writes.push(Write {
