@@ -49,9 +49,10 @@ async fn no_request_fails_during(
     fault: impl AsyncFnOnce(),
 ) {
     let load = Load::start(server.addr(), ca, 4, reconnect_every);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    load.wait_for(25, Duration::from_secs(20)).await;
     fault().await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    load.wait_for(load.answered() + 25, Duration::from_secs(20))
+        .await;
     assert_no_failures(&load.finish().await, 50);
 }
 
@@ -124,7 +125,7 @@ fn sigterm_under_load_turns_readiness_first_and_exits_zero_within_the_drain() {
         .unwrap();
     let (sent, turned) = runtime.block_on(async {
         let load = Load::start(served.addr, &ca, 4, 1_000);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        load.wait_for(100, Duration::from_secs(20)).await;
         served.sigterm();
         let deadline = Instant::now() + Duration::from_secs(1);
         let turned = loop {

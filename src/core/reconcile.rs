@@ -60,11 +60,8 @@ pub fn plan(
     for service in services {
         let (namespace, name) = names(service);
         let outcome = mutate_in(policy, view, namespace, ObjectKind::Service, service);
-        let selector_ops: Vec<PatchOperation> = outcome
-            .ops
-            .into_iter()
-            .filter(touches_selector)
-            .collect();
+        let selector_ops: Vec<PatchOperation> =
+            outcome.ops.into_iter().filter(touches_selector).collect();
         if !selector_ops.is_empty() {
             writes.push(Write {
                 kind: ObjectKind::Service,

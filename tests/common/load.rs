@@ -25,16 +25,20 @@ pub struct Sent {
 /// retries nothing, like the apiserver: every error is recorded.
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests answered so far, good or bad.
+    count: Arc<std::sync::atomic::AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<Vec<Sent>>>,
 }
 
 impl Load {
     pub fn start(addr: SocketAddr, ca_pem: &str, clients: usize, reconnect_every: usize) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let review = golden_review("embedded-deployment-create");
         let tasks = (0..clients)
             .map(|_| {
                 let stop = Arc::clone(&stop);
+                let count = Arc::clone(&count);
                 let config = client_config(ca_pem, &[b"http/1.1"], None);
                 let review = review.clone();
                 tokio::spawn(async move {
@@ -83,6 +87,7 @@ impl Load {
                             };
                             let broken = failure.is_some();
                             sent.push(Sent { at, failure });
+                            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             if broken {
                                 continue 'connections;
                             }
@@ -92,7 +97,25 @@ impl Load {
                 })
             })
             .collect();
-        Self { stop, tasks }
+        Self { stop, count, tasks }
+    }
+
+    /// Requests answered so far.
+    pub fn answered(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` requests have been answered, at most `limit`: load is measured in
+    /// requests, never in time, so a slow machine only makes the test slower.
+    pub async fn wait_for(&self, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.count.load(std::sync::atomic::Ordering::Relaxed) < n {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} requests in {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Stops the clients and returns everything they sent.
