@@ -1,0 +1,188 @@
+//! The cluster view and the reconciler, beside the admission server in the same binary: a watch
+//! cache that admission reads ([`cache`]), a `coordination.k8s.io/v1` Lease so that one replica
+//! at a time writes, and the reconciler's writes ([`reconciler`]).
+//!
+//! Network I/O to the apiserver; imports nothing from `serve` or `cmd`. The decisions are the
+//! core's (`core::cluster`, `core::reconcile`).
+
+pub mod cache;
+pub mod metrics;
+pub mod reconciler;
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use kube::{Client, Config};
+use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::info;
+
+pub use cache::Cache;
+
+/// When the cluster view is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Mode {
+    /// On only inside a cluster (in-cluster configuration). A laptop's kubeconfig is never used:
+    /// a quick start must not run a reconciler that writes wherever that kubeconfig points.
+    #[default]
+    Auto,
+    /// On, with kube's usual inference: in-cluster, else `KUBECONFIG`, else `~/.kube/config`.
+    On,
+    /// Off: admission decides without the cluster (`selector: auto` keeps selectors).
+    Off,
+}
+
+/// Where and how the cluster view runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    /// The namespaces whose outposts are watched and reconciled.
+    pub namespaces: Vec<String>,
+    /// Where the reconciler's Lease lives (the webhook's own namespace).
+    pub lease_namespace: String,
+    /// This replica's name in the Lease: `$POD_NAME`, else `hostname-pid`.
+    pub identity: String,
+    pub pace: reconciler::Pace,
+}
+
+/// Why the cluster view could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot configure a Kubernetes client from KUBECONFIG or ~/.kube/config")]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("cannot build a Kubernetes client")]
+    Client(#[source] kube::Error),
+    #[error("cannot set up the reconciler's Lease")]
+    Lease(#[source] LeaseManagerError),
+}
+
+/// The Lease's name in `lease_namespace`.
+pub const LEASE_NAME: &str = "outpost-webhook";
+
+/// This replica's Lease identity: the pod's name when the Deployment passes it, else
+/// `hostname-pid`.
+#[must_use]
+pub fn identity() -> String {
+    if let Ok(pod) = std::env::var("POD_NAME")
+        && !pod.is_empty()
+    {
+        return pod;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "outpost-webhook".into(), |h| h.trim().to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// A client for `mode`, or `None` when the view is off.
+///
+/// # Errors
+/// With `--cluster on`, when no configuration can be found or used.
+pub async fn client(mode: Mode) -> Result<Option<Client>, ClusterError> {
+    let config = match mode {
+        Mode::Off => return Ok(None),
+        Mode::Auto => {
+            let Ok(config) = Config::incluster() else {
+                info!(
+                    "Not running in a cluster: the cluster view is off and `selector: auto` keeps \
+                     selectors. `--cluster on` uses KUBECONFIG or ~/.kube/config"
+                );
+                return Ok(None);
+            };
+            config
+        }
+        Mode::On => Config::infer().await.map_err(ClusterError::Infer)?,
+    };
+    Client::try_from(config)
+        .map(Some)
+        .map_err(ClusterError::Client)
+}
+
+/// Holds the Lease in `namespace` while the process runs; the receiver says whether this replica
+/// holds it now.
+///
+/// # Errors
+/// When the Lease manager cannot be built.
+pub async fn elect(
+    client: Client,
+    namespace: &str,
+    identity: &str,
+) -> Result<(watch::Receiver<bool>, JoinHandle<()>), ClusterError> {
+    let manager = LeaseManagerBuilder::new(client, LEASE_NAME)
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .with_duration(15)
+        .with_grace(5)
+        .with_field_manager(reconciler::FIELD_MANAGER)
+        .build()
+        .await
+        .map_err(ClusterError::Lease)?;
+    let (leader, task) = manager.watch().await;
+    let task = tokio::spawn(async move {
+        if let Ok(Err(e)) = task.await {
+            tracing::warn!(error = %e, "The Lease manager stopped");
+        }
+    });
+    Ok((leader, task))
+}
+
+/// The running cluster view: the cache admission reads, and its tasks.
+#[derive(Debug)]
+pub struct Running {
+    pub cache: Arc<Cache>,
+    pub metrics: Arc<metrics::Metrics>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the watchers, the Lease and the reconciler.
+    pub fn abort(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts the watch cache, the Lease and the reconciler. `policy` returns the policy in force;
+/// `secrets` are the Secret names it reads (watched by name).
+///
+/// # Errors
+/// When the Lease manager cannot be built.
+pub async fn start(
+    client: Client,
+    settings: &Settings,
+    secrets: &BTreeSet<String>,
+    policy: impl Fn() -> Arc<crate::core::policy::Policy> + Send + 'static,
+    stop: watch::Receiver<bool>,
+) -> Result<Running, ClusterError> {
+    let (cache, mut tasks) = Cache::spawn(&client, &settings.namespaces, secrets);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (leader, lease) = elect(
+        client.clone(),
+        &settings.lease_namespace,
+        &settings.identity,
+    )
+    .await?;
+    tasks.push(lease);
+    tasks.push(tokio::spawn(reconciler::run(
+        client,
+        Arc::clone(&cache),
+        policy,
+        leader,
+        Arc::clone(&metrics),
+        settings.pace,
+        stop,
+    )));
+    info!(
+        namespaces = ?settings.namespaces,
+        lease = %format!("{}/{LEASE_NAME}", settings.lease_namespace),
+        identity = %settings.identity,
+        "Watching the cluster"
+    );
+    Ok(Running {
+        cache,
+        metrics,
+        tasks,
+    })
+}
+
+/// How long a Lease lasts without renewal; another replica takes over after it.
+pub const LEASE_DURATION: Duration = Duration::from_secs(15);
