@@ -30,12 +30,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             header_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
             max_connections: 1000,
+            idle_timeout: Duration::from_secs(30),
+            max_connection_age: Duration::from_secs(300),
         },
         certs: CertSource::Files { cert, key },
         client_ca: None,
         policy: None,
         limits: Limits {
             max_body_bytes: 6 << 20,
+            max_inflight_bytes: 64 << 20,
             default_timeout: Duration::from_secs(5),
         },
     };

@@ -129,7 +129,7 @@ fn sigterm_fails_readiness_keeps_serving_through_the_drain_and_exits_zero() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let review_line = messages.iter().find(|m| m["message"] == "Mutated").unwrap();
-    for field in ["uid", "operation", "kind", "namespace", "name"] {
+    for field in ["uid", "operation", "kind", "namespace", "object_name"] {
         assert!(
             review_line["span"][field].is_string(),
             "{field} missing from {review_line}"

@@ -31,6 +31,7 @@ fn app(max_body_bytes: usize) -> Arc<App> {
         Limits {
             max_body_bytes,
             default_timeout: Duration::from_secs(10),
+            max_inflight_bytes: 32 << 20,
         },
     ))
 }
@@ -271,4 +272,202 @@ async fn readiness_fails_while_draining_and_health_stays_up() {
     app.start_draining();
     assert_eq!(get("/readyz").await, 503);
     assert_eq!(get("/healthz").await, 200);
+}
+
+/// A review whose uid and object name are `uid` and `name`.
+fn review_named(uid: &str, name: &str) -> String {
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": uid, "kind": {"group": "", "version": "v1", "kind": "Service"}, "name": name,
+        "namespace": "authentik", "operation": "CREATE", "object": {"metadata": {"name": name}}}})
+    .to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_over_thirty_seconds_is_capped_at_thirty() {
+    let app = app(1 << 20);
+    // The body never arrives; the client asks to be waited for 1000 hours.
+    let (_tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let req = Request::post("/mutate?timeout=1000h")
+        .header("content-type", "application/json")
+        .body(Body::new(common::ChannelBody(rx)))
+        .unwrap();
+    let (code, body) = call(&app, req).await;
+    assert_eq!(
+        (code, body),
+        (
+            408,
+            status(408, "body_timeout", "the body did not arrive within 30s")
+        )
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_large_body_waits_for_the_budget_and_a_small_one_does_not() {
+    // Room for one largest body (1 MiB, held twice) beside the small lane.
+    let max_body = 1 << 20;
+    let g = pki::generate(&["localhost".into()], 1).unwrap();
+    let cert =
+        ServingCert::from_pem(g.cert_pem.as_bytes(), g.key_pem.as_bytes(), "c", "k").unwrap();
+    let app = Arc::new(App::new(
+        Polled::fixed(Policy::builtin().unwrap()),
+        Arc::new(Polled::fixed(cert)),
+        None,
+        Limits {
+            max_body_bytes: max_body,
+            default_timeout: Duration::from_secs(10),
+            max_inflight_bytes: outpost_webhook::serve::budget::minimum_budget(max_body),
+        },
+    ));
+    // A client declares a largest body and sends part of it: its bytes are reserved.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    tx.send(Bytes::from_static(b"{")).await.unwrap();
+    let holding = Request::post("/mutate?timeout=30s")
+        .header("content-type", "application/json")
+        .header("content-length", max_body.to_string())
+        .body(Body::new(common::ChannelBody(rx)))
+        .unwrap();
+    let held = tokio::spawn(router(Arc::clone(&app)).oneshot(holding));
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    // A second large body, whole, cannot be reserved before its deadline: 503, not read.
+    let mut big = serde_json::from_str::<Value>(&review_named("u", "x")).unwrap();
+    big["request"]["object"]["metadata"]["annotations"] =
+        json!({"example.com/big": "x".repeat(512 << 10)});
+    let mut req = post(big.to_string());
+    *req.uri_mut() = "/mutate?timeout=2s".parse().unwrap();
+    let (code, body) = call(&app, req).await;
+    assert_eq!(
+        (code, body),
+        (
+            503,
+            status(
+                503,
+                "overloaded",
+                "the request bytes in flight are at --max-inflight-bytes; retry"
+            )
+        )
+    );
+    // A small review, its length declared as the apiserver declares it, is answered meanwhile.
+    let small = review_named("u", "x");
+    let req = Request::post("/mutate?timeout=2s")
+        .header("content-type", "application/json")
+        .header("content-length", small.len().to_string())
+        .body(Body::from(small))
+        .unwrap();
+    let (code, _) = call(&app, req).await;
+    assert_eq!(code, 200);
+    drop(tx);
+    let _ = held.await;
+}
+
+#[tokio::test]
+async fn an_object_with_too_many_kept_values_is_400() {
+    let app = app(8 << 20);
+    let mut r: Value = serde_json::from_str(&review_named("u", "x")).unwrap();
+    r["request"]["kind"] = json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+    let env: Vec<Value> = (0..50_000)
+        .map(|i| json!({"name": format!("V{i}"), "value": "x"}))
+        .collect();
+    r["request"]["object"]["spec"] =
+        json!({"template": {"spec": {"containers": [{"name": "proxy", "env": env}]}}});
+    let (code, body) = call(&app, post(r.to_string())).await;
+    assert_eq!((code, body["reason"].as_str()), (400, Some("bad_shape")));
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than 2048 values in the fields the webhook reads"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn readiness_fails_with_a_reason_when_the_certificate_has_expired() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    let serving = ServingCert::from_pem(
+        cert.pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
+        "c",
+        "k",
+    )
+    .unwrap();
+    let app = Arc::new(App::new(
+        Polled::fixed(Policy::builtin().unwrap()),
+        Arc::new(Polled::fixed(serving)),
+        None,
+        Limits::default(),
+    ));
+    let resp = health_router(Arc::clone(&app))
+        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.starts_with("the serving certificate expired at 1609459200"),
+        "{body}"
+    );
+    assert!(!app.ready());
+}
+
+/// Log lines written by the real subscriber into memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn logged(format: outpost_webhook::logging::LogFormat, body: String) -> String {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber =
+        outpost_webhook::logging::subscriber(format, tracing::Level::DEBUG, move || writer.clone());
+    let _default = tracing::subscriber::set_default(subscriber);
+    let (code, _) = call(&app(1 << 20), post(body)).await;
+    assert_eq!(code, 200);
+    String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+}
+
+#[tokio::test]
+async fn a_uid_or_name_with_a_newline_or_escape_cannot_forge_a_plain_log_line() {
+    let uid = "u-1\nINFO forged: Mutated\u{1b}[31m";
+    let name = "x\r\nINFO forged too";
+    let text = logged(
+        outpost_webhook::logging::LogFormat::Plain,
+        review_named(uid, name),
+    )
+    .await;
+    assert_eq!(text.lines().count(), 1, "{text:?}");
+    assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
+    assert!(
+        text.contains(r"u-1\nINFO forged: Mutated\u{1b}[31m"),
+        "{text}"
+    );
+    assert!(text.contains(r"object_name=x\r\nINFO forged too"), "{text}");
+}
+
+#[tokio::test]
+async fn json_logs_keep_the_span_name_apart_from_the_object_name() {
+    let text = logged(
+        outpost_webhook::logging::LogFormat::Json,
+        review_named("u-1", "ak-outpost-x"),
+    )
+    .await;
+    let line: Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(line["span"]["name"], "review", "{line}");
+    assert_eq!(line["span"]["object_name"], "ak-outpost-x", "{line}");
+    assert_eq!(line["span"]["uid"], "u-1", "{line}");
 }

@@ -10,7 +10,7 @@ use super::{Error, duration};
 use crate::{
     core::admission::DEFAULT_PORT,
     logging::{self, LogFormat},
-    serve::{self, CertSource, Config, Limits, Settings},
+    serve::{self, CertSource, Config, Limits, Settings, budget},
 };
 
 /// Flags of `serve`.
@@ -46,8 +46,10 @@ pub struct ServeArgs {
     /// present one.
     #[arg(long, value_name = "FILE", env = "OUTPOST_WEBHOOK_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
-    /// Where the development CA bundle is written when no certificate is given.
-    #[arg(long, value_name = "FILE", default_value_os_t = std::env::temp_dir().join("outpost-webhook-dev-ca.crt"))]
+    /// Where the development CA bundle is written when no certificate is given: a new file, in a
+    /// directory only this user can write to (created with mode 0700 when missing). A symlink
+    /// there is refused, never followed.
+    #[arg(long, value_name = "FILE", default_value_os_t = std::env::temp_dir().join("outpost-webhook-dev").join("ca.crt"))]
     pub dev_ca_out: PathBuf,
     /// The policy file; the built-in policy when not given. Polled for changes.
     #[arg(long, value_name = "FILE", env = "OUTPOST_WEBHOOK_POLICY")]
@@ -61,9 +63,14 @@ pub struct ServeArgs {
     /// How long in-flight requests may take to finish after the drain.
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
-    /// The largest request body accepted (an UPDATE carries the object twice).
-    #[arg(long, default_value_t = 6 * 1024 * 1024)]
+    /// The largest request body accepted: an UPDATE carries the object and its old version, each
+    /// at most etcd's 1.5 MiB, plus 64 KiB of envelope.
+    #[arg(long, default_value_t = budget::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// The request bytes held at once across all connections: each request reserves twice its
+    /// body (the body and the strings parsed from it) before reading it, or waits.
+    #[arg(long, default_value_t = budget::DEFAULT_MAX_INFLIGHT_BYTES)]
+    pub max_inflight_bytes: usize,
     /// The request deadline when the apiserver sends no ?timeout= (the registration's
     /// timeoutSeconds).
     #[arg(long, default_value = "5s", value_parser = duration)]
@@ -74,9 +81,16 @@ pub struct ServeArgs {
     /// How long a client may take to finish the TLS handshake.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub handshake_timeout: Duration,
-    /// Open TLS connections beyond this are closed at once.
-    #[arg(long, default_value_t = 1000)]
+    /// Open TLS connections beyond this are closed at once. Each may hold up to 336 KiB outside
+    /// the request budget (HTTP/2 windows and headers, TLS buffers).
+    #[arg(long, default_value_t = 128)]
     pub max_connections: usize,
+    /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY).
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub idle_timeout: Duration,
+    /// A connection is closed gracefully once this old.
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    pub max_connection_age: Duration,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = "OUTPOST_WEBHOOK_LOG_FORMAT")]
     pub log_format: LogFormat,
@@ -101,6 +115,8 @@ pub fn execute(args: ServeArgs) -> Result<(), Error> {
             header_timeout: args.header_timeout,
             handshake_timeout: args.handshake_timeout,
             max_connections: args.max_connections,
+            idle_timeout: args.idle_timeout,
+            max_connection_age: args.max_connection_age,
         },
         certs: match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => CertSource::Files { cert, key },
@@ -113,6 +129,7 @@ pub fn execute(args: ServeArgs) -> Result<(), Error> {
         limits: Limits {
             max_body_bytes: args.max_body_bytes,
             default_timeout: args.request_timeout,
+            max_inflight_bytes: args.max_inflight_bytes,
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -14,6 +14,7 @@ use std::{
 use tracing::{info, warn};
 
 use super::{
+    budget::{self, Budget},
     metrics::{Metrics, Reloaded},
     polled::{Parse, Polled},
     tls::{ClientCa, ServingCert},
@@ -28,6 +29,18 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// The deadline when the apiserver sends no `?timeout=`.
     pub default_timeout: Duration,
+    /// The request bytes held at once across all connections (see [`Budget`]).
+    pub max_inflight_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: budget::DEFAULT_MAX_BODY_BYTES,
+            default_timeout: Duration::from_secs(crate::core::admission::TIMEOUT_SECONDS),
+            max_inflight_bytes: budget::DEFAULT_MAX_INFLIGHT_BYTES,
+        }
+    }
 }
 
 /// Everything a request handler needs.
@@ -38,6 +51,8 @@ pub struct App {
     pub client_ca: Option<Arc<Polled<ClientCa>>>,
     pub metrics: Metrics,
     pub limits: Limits,
+    /// The request bytes in flight, across all connections.
+    pub budget: Budget,
     draining: AtomicBool,
 }
 
@@ -55,6 +70,7 @@ impl App {
             client_ca,
             metrics: Metrics::default(),
             limits,
+            budget: Budget::new(limits.max_inflight_bytes, limits.max_body_bytes),
             draining: AtomicBool::new(false),
         };
         app.metrics
@@ -63,10 +79,31 @@ impl App {
     }
 
     /// Ready to take traffic: a certificate and a policy are loaded (they are from the start, or
-    /// the process would not have started) and the process is not draining.
+    /// the process would not have started), the certificate has not expired, and the process is
+    /// not draining.
     #[must_use]
     pub fn ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed)
+        self.not_ready().is_none()
+    }
+
+    /// Why the process is not ready, for `/readyz`; `None` when it is.
+    #[must_use]
+    pub fn not_ready(&self) -> Option<String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Some("draining".into());
+        }
+        let not_after = self.certs.current().not_after;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        // 0 means notAfter could not be read; such a certificate was still accepted at load.
+        if not_after != 0 && not_after < now {
+            return Some(format!(
+                "the serving certificate expired at {not_after} (Unix seconds); the apiserver \
+                 refuses it. Renew the certificate Secret"
+            ));
+        }
+        None
     }
 
     /// Fails readiness, so endpoints drop this pod before it stops serving.

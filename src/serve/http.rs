@@ -12,12 +12,13 @@ use std::{
 
 use axum::{
     Router,
-    body::Body,
+    body::{Body, Bytes},
     extract::{Request, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use http_body_util::BodyExt as _;
 use tracing::{debug, info, info_span, warn};
 
 use super::{
@@ -30,7 +31,12 @@ use crate::{
         mutate::{ObjectKind, Verdict},
     },
     duration::parse_go_duration,
+    logging::Escaped,
 };
+
+/// The longest deadline a request may ask for: the apiserver's own maximum `timeoutSeconds`. A
+/// client's `?timeout=1000h` must not hold a connection and its budget for longer.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The admission surface: `POST /mutate`, with JSON errors for everything else.
 pub fn router(app: Arc<App>) -> Router {
@@ -51,10 +57,9 @@ pub fn health_router(app: Arc<App>) -> Router {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.ready() {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    match app.not_ready() {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
 }
 
@@ -71,7 +76,8 @@ async fn metrics_text(State(app): State<Arc<App>>) -> Response {
 
 async fn method_not_allowed(State(app): State<Arc<App>>, req: Request) -> Response {
     let message = format!("{} is not allowed here; use POST", req.method());
-    reject(
+    let (_, body) = req.into_parts();
+    let response = reject(
         &app,
         Instant::now(),
         &Rejection::new(
@@ -79,7 +85,8 @@ async fn method_not_allowed(State(app): State<Arc<App>>, req: Request) -> Respon
             Reason::MethodNotAllowed,
             message,
         ),
-    )
+    );
+    after_response(response, body)
 }
 
 async fn not_found(State(app): State<Arc<App>>, req: Request) -> Response {
@@ -87,11 +94,55 @@ async fn not_found(State(app): State<Arc<App>>, req: Request) -> Response {
         "no such path {}; admission is served at {MUTATE_PATH}",
         req.uri().path()
     );
-    reject(
+    let (_, body) = req.into_parts();
+    let response = reject(
         &app,
         Instant::now(),
         &Rejection::new(StatusCode::NOT_FOUND, Reason::NotFound, message),
+    );
+    after_response(response, body)
+}
+
+/// Keeps the request body until the response has been sent, then drops it.
+///
+/// Over HTTP/2, a request body dropped unread while the response is still to be sent makes hyper
+/// (h2) reset the stream with `CANCEL`, and the client sees a stream error instead of the 413 or
+/// 415 it was answered. Dropped once the response is complete, it becomes `RST_STREAM(NO_ERROR)`,
+/// which RFC 9113 section 8.1 defines as "the response is complete; stop sending the request".
+fn after_response(response: Response, request_body: Body) -> Response {
+    let (parts, body) = response.into_parts();
+    Response::from_parts(
+        parts,
+        Body::new(AfterResponse {
+            response: body,
+            _request: request_body,
+        }),
     )
+}
+
+struct AfterResponse {
+    response: Body,
+    _request: Body,
+}
+
+impl hyper::body::Body for AfterResponse {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().response).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.response.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.response.size_hint()
+    }
 }
 
 /// A request answered with a 4xx: its status, a reason for metrics, and a message for people.
@@ -114,7 +165,7 @@ impl Rejection {
 /// A 4xx with a JSON body shaped like a Kubernetes `Status`, which the apiserver logs verbatim.
 fn reject(app: &App, started: Instant, r: &Rejection) -> Response {
     app.metrics.bad_request(r.reason, started.elapsed());
-    warn!(status = r.code.as_u16(), reason = r.reason.as_str(), detail = %r.message, "Rejected a request");
+    warn!(status = r.code.as_u16(), reason = r.reason.as_str(), detail = %Escaped(&r.message), "Rejected a request");
     let body = serde_json::json!({
         "apiVersion": "v1", "kind": "Status", "status": "Failure",
         "code": r.code.as_u16(), "reason": r.reason.as_str(), "message": r.message,
@@ -138,27 +189,65 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// The apiserver sends its own deadline as `?timeout=10s` (a Go duration).
+/// The apiserver sends its own deadline as `?timeout=10s` (a Go duration); it is capped at
+/// [`MAX_TIMEOUT`].
 fn timeout_param(query: Option<&str>) -> Option<Duration> {
     let value = query?
         .split('&')
         .find_map(|kv| kv.strip_prefix("timeout="))?;
-    parse_go_duration(value).filter(|d| !d.is_zero())
+    parse_go_duration(value)
+        .filter(|d| !d.is_zero())
+        .map(|d| d.min(MAX_TIMEOUT))
 }
 
-/// `POST /mutate`: read the review, run the core on the policy in force, answer.
+/// `POST /mutate`: reserve the body's bytes, read it, run the core on the policy in force,
+/// answer.
 async fn mutate(State(app): State<Arc<App>>, req: Request) -> Response {
     let started = Instant::now();
-    match read_review(&app, req).await {
-        Ok(request) => answer(&app, &request, started),
-        Err(rejection) => reject(&app, started, &rejection),
+    let (parts, mut body) = req.into_parts();
+    let response = review(&app, &parts, &mut body, started).await;
+    after_response(response, body)
+}
+
+async fn review(
+    app: &App,
+    parts: &axum::http::request::Parts,
+    body: &mut Body,
+    started: Instant,
+) -> Response {
+    // The reservation is held until the answer is built: the body and what is parsed from it.
+    let (bytes, _reserved) = match read_body(app, parts, body).await {
+        Ok(read) => read,
+        Err(rejection) => return reject(app, started, &rejection),
+    };
+    let Some(_slot) = app.budget.parse_slot().await else {
+        return reject(app, started, &overloaded());
+    };
+    match admission::parse(&bytes) {
+        Ok(request) => answer(app, &request, started),
+        Err(e) => reject(
+            app,
+            started,
+            &Rejection::new(StatusCode::BAD_REQUEST, reason(&e), e.to_string()),
+        ),
     }
 }
 
-/// Checks the content type and size, reads the body within the apiserver's deadline, and
-/// parses the `AdmissionReview`.
-async fn read_review(app: &App, req: Request) -> Result<admission::Request, Rejection> {
-    let (parts, body) = req.into_parts();
+fn overloaded() -> Rejection {
+    Rejection::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Reason::Overloaded,
+        "the request bytes in flight are at --max-inflight-bytes; retry".into(),
+    )
+}
+
+/// Checks the content type and size, reserves the body's bytes in the budget, and reads the
+/// body, all within the apiserver's deadline.
+async fn read_body(
+    app: &App,
+    parts: &axum::http::request::Parts,
+    body: &mut Body,
+) -> Result<(Vec<u8>, crate::serve::budget::Reserved), Rejection> {
     if !is_json(&parts.headers) {
         let got = parts
             .headers
@@ -188,46 +277,79 @@ async fn read_review(app: &App, req: Request) -> Result<admission::Request, Reje
             message,
         ));
     }
-    let deadline = timeout_param(parts.uri.query()).unwrap_or(app.limits.default_timeout);
-    let bytes = match tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) => {
-            let inner = e.into_inner();
-            return Err(
-                if inner
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    let message = format!("body is over the limit of {limit} bytes");
-                    Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, Reason::BodyTooLarge, message)
+    let declared = declared.and_then(|n| usize::try_from(n).ok());
+    let deadline = timeout_param(parts.uri.query())
+        .unwrap_or(app.limits.default_timeout)
+        .min(MAX_TIMEOUT);
+    let until = tokio::time::Instant::now() + deadline;
+    let Ok(Some(reserved)) = tokio::time::timeout_at(until, app.budget.reserve(declared)).await
+    else {
+        return Err(overloaded());
+    };
+    let cap = reserved.body_bytes;
+    let read = tokio::time::timeout_at(until, async {
+        let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(cap));
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    Reason::BadShape,
+                    format!("cannot read the body: {e}"),
+                )
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if bytes.len().saturating_add(data.len()) > cap {
+                let message = if cap < limit {
+                    format!("body is longer than its Content-Length of {cap} bytes")
                 } else {
-                    let message = format!("cannot read the body: {inner}");
-                    Rejection::new(StatusCode::BAD_REQUEST, Reason::BadShape, message)
-                },
-            );
+                    format!("body is over the limit of {limit} bytes")
+                };
+                return Err(Rejection::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Reason::BodyTooLarge,
+                    message,
+                ));
+            }
+            // Grow at most to the reservation, never to twice a large body.
+            if bytes.capacity() - bytes.len() < data.len() {
+                let want = (bytes.capacity() * 2)
+                    .max(bytes.len() + data.len())
+                    .min(cap);
+                bytes.reserve_exact(want - bytes.len());
+            }
+            bytes.extend_from_slice(&data);
         }
+        Ok(bytes)
+    })
+    .await;
+    match read {
+        Ok(Ok(bytes)) => Ok((bytes, reserved)),
+        Ok(Err(rejection)) => Err(rejection),
         Err(_) => {
             let message = format!("the body did not arrive within {deadline:?}");
-            return Err(Rejection::new(
+            Err(Rejection::new(
                 StatusCode::REQUEST_TIMEOUT,
                 Reason::BodyTimeout,
                 message,
-            ));
+            ))
         }
-    };
-    admission::parse(&bytes)
-        .map_err(|e| Rejection::new(StatusCode::BAD_REQUEST, reason(&e), e.to_string()))
+    }
 }
 
 /// Runs the core in one span per review, counts, logs and answers 200.
 fn answer(app: &App, request: &admission::Request, started: Instant) -> Response {
+    // Every string from the request is escaped: a uid or name with a newline or an ANSI escape
+    // must not write a second, forged line into a plain log. `object_name`, because JSON logs put
+    // the span's own `name` ("review") beside its fields.
     let span = info_span!(
         "review",
-        uid = %request.uid,
+        uid = %Escaped(&request.uid),
         operation = request.operation_str(),
-        kind = %request.kind.kind,
-        namespace = request.namespace.as_deref().unwrap_or(""),
-        name = %request.name,
+        kind = %Escaped(&request.kind.kind),
+        namespace = %Escaped(request.namespace.as_deref().unwrap_or("")),
+        object_name = %Escaped(&request.name),
         dry_run = request.dry_run,
         ops = tracing::field::Empty,
         duration_us = tracing::field::Empty,
@@ -300,6 +422,11 @@ mod tests {
             Some(Duration::from_secs(5))
         );
         assert_eq!(timeout_param(Some("timeout=0s")), None);
+        assert_eq!(timeout_param(Some("timeout=1000h")), Some(MAX_TIMEOUT));
+        assert_eq!(
+            timeout_param(Some("timeout=18000000000000000000s18000000000000000000s")),
+            None
+        );
         assert_eq!(timeout_param(None), None);
     }
 

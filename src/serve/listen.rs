@@ -3,12 +3,21 @@
 //!
 //! Does network I/O.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::Router;
+use hyper::{Request, body::Incoming};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::{conn::auto, graceful::GracefulConnection},
     service::TowerToHyperService,
 };
 use rustls::ServerConfig;
@@ -16,6 +25,7 @@ use tokio::{
     net::TcpListener,
     sync::{Semaphore, watch},
     task::JoinHandle,
+    time::Instant,
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
@@ -25,6 +35,33 @@ use super::{
     app::App,
     http::{health_router, router},
 };
+
+/// HTTP/2 streams one connection may have open at once. The apiserver opens another connection
+/// when it needs more.
+pub const H2_MAX_STREAMS: u32 = 16;
+/// The HTTP/2 window of one stream: request body bytes a client may send before the handler has
+/// read them, so before they are counted in the budget.
+pub const H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// The HTTP/2 window of a whole connection: unread body bytes across its streams.
+pub const H2_CONNECTION_WINDOW: u32 = 128 * 1024;
+/// The largest header block of one HTTP/2 request (the apiserver's are under 1 KiB).
+pub const H2_MAX_HEADER_LIST: u32 = 8 * 1024;
+/// hyper's HTTP/1 read buffer, which holds the request head.
+pub const H1_MAX_BUF: usize = 64 * 1024;
+/// What rustls and the TLS stream hold per connection: record buffers both ways.
+const TLS_BUFFERS: usize = 48 * 1024;
+/// The most one open connection holds outside the budget: its unread HTTP/2 window and the
+/// header blocks of its streams (or hyper's HTTP/1 buffer), its TLS buffers, and 2 KiB of state
+/// per stream.
+#[allow(clippy::cast_possible_truncation, clippy::as_conversions)]
+pub const PER_CONNECTION_BYTES: usize = {
+    let h2 = H2_CONNECTION_WINDOW as usize
+        + H2_MAX_STREAMS as usize * (H2_MAX_HEADER_LIST as usize + 2 * 1024);
+    let h1 = H1_MAX_BUF;
+    (if h2 > h1 { h2 } else { h1 }) + TLS_BUFFERS
+};
+/// How often a connection checks whether it is idle or too old.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// A running server: its bound addresses, its state, and the handle to stop it.
 pub struct Running {
@@ -183,17 +220,26 @@ async fn accept_loop(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let limit = Arc::new(Semaphore::new(settings.max_connections));
-    let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_timeout)
+        .max_buf_size(H1_MAX_BUF)
         .keep_alive(true);
+    // Every buffer a client can fill before the budget counts it is bounded here; see
+    // PER_CONNECTION_BYTES. Pings find peers that vanished without a FIN.
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .adaptive_window(false)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_send_buf_size(64 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(10)))
+        .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
 
     loop {
@@ -219,16 +265,18 @@ async fn accept_loop(
         // apiserver's delayed ACK: about 40 ms a call instead of about 2.
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
         let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
         let app = Arc::clone(&app);
-        let handshake_timeout = settings.handshake_timeout;
+        let router = router.clone();
+        let stop = stop.clone();
+        let settings = settings.clone();
         tokio::spawn(
             async move {
                 let _permit = permit;
                 let tls =
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream))
+                        .await
+                    {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
                             app.metrics.tls_handshake_failed();
@@ -241,25 +289,229 @@ async fn accept_loop(
                             return;
                         }
                     };
-                app.metrics.connection_opened();
+                let _open = OpenConnection::new(Arc::clone(&app));
+                let activity = Arc::new(Activity::default());
+                let service = Tracked {
+                    inner: TowerToHyperService::new(router),
+                    activity: Arc::clone(&activity),
+                };
                 let conn = builder
                     .serve_connection(TokioIo::new(tls), service)
                     .into_owned();
-                if let Err(e) = watcher.watch(conn).await {
-                    debug!(error = %e, "connection ended with an error");
-                }
-                app.metrics.connection_closed();
+                serve_connection(conn, &activity, &settings, stop).await;
             }
             .instrument(info_span!("conn", %peer)),
         );
     }
     drop(listener);
     // Idle keep-alive connections close now (the apiserver pools them, kubernetes#127335);
-    // in-flight requests finish, within the grace period.
-    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown())
+    // in-flight requests finish, within the grace period. Every connection task holds a permit.
+    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
+    let grace = settings.shutdown_grace + Duration::from_secs(1);
+    if tokio::time::timeout(grace, limit.acquire_many(all))
         .await
         .is_err()
     {
         warn!(grace = ?settings.shutdown_grace, "Connections still open after the grace period");
+    }
+}
+
+/// Counts a connection in `connections_open` for as long as it lives. A guard, so the count
+/// comes down however the task ends: returned, cancelled, or unwound by a panic.
+struct OpenConnection(Arc<App>);
+
+impl OpenConnection {
+    fn new(app: Arc<App>) -> Self {
+        app.metrics.connection_opened();
+        Self(app)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.metrics.connection_closed();
+    }
+}
+
+/// What one connection's requests are doing: how many are in flight, whether any has started,
+/// and when the last one ended (milliseconds since the connection began).
+#[derive(Debug)]
+struct Activity {
+    born: Instant,
+    in_flight: AtomicUsize,
+    started: AtomicUsize,
+    last_end_ms: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            born: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    /// How long the connection has had nothing in flight, if it has nothing in flight now.
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since_born = now.saturating_duration_since(self.born);
+        let last = Duration::from_millis(self.last_end_ms.load(Ordering::Acquire));
+        Some(since_born.saturating_sub(last))
+    }
+}
+
+/// Marks one request in flight until dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let ms = Instant::now()
+            .saturating_duration_since(self.0.born)
+            .as_millis();
+        self.0
+            .last_end_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The router as a hyper service that keeps a connection's [`Activity`].
+struct Tracked {
+    inner: TowerToHyperService<Router>,
+    activity: Arc<Activity>,
+}
+
+type RouterService = TowerToHyperService<Router>;
+type RouterResponse = <RouterService as hyper::service::Service<Request<Incoming>>>::Response;
+type RouterError = <RouterService as hyper::service::Service<Request<Incoming>>>::Error;
+
+impl hyper::service::Service<Request<Incoming>> for Tracked {
+    type Response = RouterResponse;
+    type Error = RouterError;
+    type Future = Pin<Box<dyn Future<Output = Result<RouterResponse, RouterError>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.activity.started.fetch_add(1, Ordering::AcqRel);
+        let in_flight = InFlight(Arc::clone(&self.activity));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let answered = fut.await;
+            drop(in_flight);
+            answered
+        })
+    }
+}
+
+/// Serves one connection until it ends, closing it gracefully (HTTP/2 GOAWAY; HTTP/1 closes
+/// once the response in flight is written) when the server stops, when it has been idle for
+/// `--idle-timeout` (or `--header-timeout` before its first request, as a client that sent only
+/// the HTTP/2 preface), or when it is `--max-connection-age` old; and closing it outright
+/// `--shutdown-grace` after that.
+async fn serve_connection<C>(
+    conn: C,
+    activity: &Activity,
+    settings: &Settings,
+    mut stop: watch::Receiver<bool>,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut hard_close: Option<Instant> = None;
+    loop {
+        let close_at = hard_close.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = stopped(&mut stop), if hard_close.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                hard_close = Some(Instant::now() + settings.shutdown_grace);
+            }
+            _ = check.tick(), if hard_close.is_none() => {
+                let now = Instant::now();
+                let idle_limit = if activity.started.load(Ordering::Acquire) == 0 {
+                    settings.header_timeout
+                } else {
+                    settings.idle_timeout
+                };
+                let idle = activity.idle_for(now).is_some_and(|idle| idle >= idle_limit);
+                let old = now.saturating_duration_since(activity.born) >= settings.max_connection_age;
+                if idle || old {
+                    debug!(idle, old, "Closing the connection gracefully");
+                    conn.as_mut().graceful_shutdown();
+                    hard_close = Some(now + settings.shutdown_grace);
+                }
+            }
+            () = tokio::time::sleep_until(close_at), if hard_close.is_some() => {
+                debug!("Closed a connection still busy after the grace period");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        core::policy::Policy,
+        pki,
+        serve::{Limits, polled::Polled, tls::ServingCert},
+    };
+
+    fn app() -> Arc<App> {
+        let g = pki::generate(&["localhost".into()], 1).unwrap();
+        let cert =
+            ServingCert::from_pem(g.cert_pem.as_bytes(), g.key_pem.as_bytes(), "c", "k").unwrap();
+        Arc::new(App::new(
+            Polled::fixed(Policy::builtin().unwrap()),
+            Arc::new(Polled::fixed(cert)),
+            None,
+            Limits::default(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn the_open_connection_count_comes_down_when_a_connection_task_panics() {
+        let app = app();
+        let task = tokio::spawn({
+            let app = Arc::clone(&app);
+            async move {
+                let _open = OpenConnection::new(app);
+                panic!("a handler panicked");
+            }
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(app.metrics.connections_open(), 0);
+    }
+
+    #[test]
+    fn a_connection_is_idle_only_with_nothing_in_flight() {
+        let activity = Arc::new(Activity::default());
+        let later = activity.born + Duration::from_secs(5);
+        assert_eq!(activity.idle_for(later), Some(Duration::from_secs(5)));
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        let request = InFlight(Arc::clone(&activity));
+        assert_eq!(activity.idle_for(later), None);
+        drop(request);
+        assert!(
+            activity
+                .idle_for(Instant::now() + Duration::from_secs(1))
+                .unwrap()
+                >= Duration::from_millis(900)
+        );
     }
 }

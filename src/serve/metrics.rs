@@ -76,6 +76,8 @@ label_values!(
         MethodNotAllowed => "method_not_allowed",
         NotFound => "not_found",
         BodyTimeout => "body_timeout",
+        // The request bytes in flight were at --max-inflight-bytes until the deadline.
+        Overloaded => "overloaded",
     }
 );
 

@@ -6,6 +6,7 @@
 //! and [`metrics`] what Prometheus scrapes.
 
 pub mod app;
+pub mod budget;
 pub mod http;
 pub mod listen;
 pub mod metrics;
@@ -18,6 +19,7 @@ use rustls::ServerConfig;
 use tracing::{info, warn};
 
 pub use app::{App, Limits};
+pub use budget::Budget;
 pub use http::{health_router, router};
 pub use listen::{Running, start, start_with};
 
@@ -47,6 +49,11 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// Connections beyond this are closed at once.
     pub max_connections: usize,
+    /// A connection with no request in flight for this long is closed (gracefully: HTTP/2 gets a
+    /// GOAWAY). One that has not started a request is closed after `header_timeout`.
+    pub idle_timeout: Duration,
+    /// A connection is closed gracefully once this old, so no client holds one forever.
+    pub max_connection_age: Duration,
 }
 
 /// Where the serving certificate comes from.
@@ -90,6 +97,8 @@ pub enum ServeError {
     BuiltinPolicy(#[from] PolicyError),
     #[error(transparent)]
     Generate(#[from] PkiError),
+    #[error(transparent)]
+    Budget(#[from] budget::BudgetError),
     #[error("cannot write the development CA bundle to {path}")]
     WriteCa {
         path: String,
@@ -104,6 +113,10 @@ pub enum ServeError {
 /// # Errors
 /// When the certificate, client CA or policy cannot be loaded.
 pub fn prepare(config: &Config) -> Result<(Arc<App>, Arc<ServerConfig>), ServeError> {
+    budget::check(
+        config.limits.max_inflight_bytes,
+        config.limits.max_body_bytes,
+    )?;
     let certs = Arc::new(match &config.certs {
         CertSource::Files { cert, key } => Polled::open(vec![cert.clone(), key.clone()])?,
         CertSource::Development { ca_out } => Polled::fixed(development(ca_out)?),
@@ -131,10 +144,7 @@ pub fn prepare(config: &Config) -> Result<(Arc<App>, Arc<ServerConfig>), ServeEr
 /// A certificate for localhost signed by a new CA, whose bundle is written to `ca_out`.
 fn development(ca_out: &std::path::Path) -> Result<ServingCert, ServeError> {
     let generated = pki::generate(&["localhost".into(), "127.0.0.1".into(), "::1".into()], 30)?;
-    if let Some(dir) = ca_out.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    std::fs::write(ca_out, &generated.ca_pem).map_err(|source| ServeError::WriteCa {
+    write_private(ca_out, generated.ca_pem.as_bytes()).map_err(|source| ServeError::WriteCa {
         path: ca_out.display().to_string(),
         source,
     })?;
@@ -151,6 +161,63 @@ fn development(ca_out: &std::path::Path) -> Result<ServingCert, ServeError> {
     )?)
 }
 
+/// Writes `bytes` to a new file at `path`, in a directory only this user can write to, never
+/// following a symlink: clients trust what is written here, so nobody else may choose or swap it.
+///
+/// A missing directory is created with mode 0700. An existing directory must not be a symlink or
+/// writable by group or others (so not `/tmp` itself). An existing regular file is replaced; a
+/// symlink (or anything else) at `path` is refused. The file is opened with `O_CREAT|O_EXCL`
+/// (`create_new`), which fails on a symlink rather than following it, even one planted between
+/// the check and the open.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::{
+        io::{Error, ErrorKind, Write as _},
+        os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| std::path::Path::new("."));
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?,
+        Err(e) => return Err(e),
+        Ok(m) if !m.is_dir() => {
+            return Err(Error::other(format!(
+                "{} is not a directory (a symlink is not followed)",
+                dir.display()
+            )));
+        }
+        Ok(m) if m.permissions().mode() & 0o022 != 0 => {
+            return Err(Error::other(format!(
+                "{} is writable by others; give a path in a private directory",
+                dir.display()
+            )));
+        }
+        Ok(_) => {}
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                "a symlink or other non-file is in the way; it is not followed",
+            ));
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
 /// Serves until `shutdown` resolves, then drains and stops. This is `outpost-webhook serve`.
 ///
 /// # Errors
@@ -162,4 +229,40 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     running.shutdown();
     running.wait().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn the_development_ca_is_written_in_a_private_directory_and_never_through_a_symlink() {
+        let root = std::env::temp_dir().join(format!("ow-devca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let path = root.join("private").join("ca.crt");
+        write_private(&path, b"one").unwrap();
+        let mode = std::fs::metadata(root.join("private"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // A second start replaces its own file.
+        write_private(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        // A symlink at the path is refused, and its target is untouched.
+        let victim = root.join("victim");
+        std::fs::write(&victim, b"victim").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        assert!(write_private(&path, b"evil").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
+        // A directory others can write to (as /tmp) is refused.
+        let open = root.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(write_private(&open.join("ca.crt"), b"x").is_err());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -20,6 +20,8 @@ pub fn settings() -> Settings {
         header_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(2),
         max_connections: 64,
+        idle_timeout: Duration::from_secs(30),
+        max_connection_age: Duration::from_secs(300),
     }
 }
 
@@ -27,6 +29,7 @@ pub fn limits() -> Limits {
     Limits {
         max_body_bytes: 6 * 1024 * 1024,
         default_timeout: Duration::from_secs(10),
+        max_inflight_bytes: 32 << 20,
     }
 }
 

@@ -335,6 +335,36 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_array_past_the_cap_is_refused_and_one_within_it_is_read() {
+        let with_env = |n: usize| {
+            let env: Vec<Value> = (0..n)
+                .map(|i| json!({"name": format!("V{i}"), "value": "x"}))
+                .collect();
+            let mut r = service_review();
+            r["request"]["kind"] = json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+            r["request"]["object"]["spec"] =
+                json!({"template": {"spec": {"containers": [{"name": "proxy", "env": env}]}}});
+            body(&r)
+        };
+        // An outpost container with 100 env entries is read whole.
+        let request = parse(&with_env(100)).unwrap();
+        let kept = &request.object.unwrap()["spec"]["template"]["spec"]["containers"][0]["env"];
+        assert_eq!(kept.as_array().unwrap().len(), 100);
+        // 100,000 entries (a 4 MB array) are refused, not built.
+        let e = parse(&with_env(100_000)).unwrap_err();
+        assert!(
+            matches!(&e, ReviewError::Shape(m) if m.contains("more than 2048 values")),
+            "{e}"
+        );
+        // So are as many labels.
+        let mut r = service_review();
+        let labels: serde_json::Map<String, Value> =
+            (0..5000).map(|i| (format!("k{i}"), json!("v"))).collect();
+        r["request"]["object"]["metadata"]["labels"] = Value::Object(labels);
+        assert!(matches!(parse(&body(&r)), Err(ReviewError::Shape(_))));
+    }
+
+    #[test]
     fn bad_bodies_are_classified() {
         assert!(matches!(parse(b"{"), Err(ReviewError::NotJson(_))));
         assert!(matches!(parse(b"\xff"), Err(ReviewError::NotJson(_))));

@@ -4,6 +4,11 @@
 //! Pure. `managedFields`, `status`, ports and the like are skipped unbuilt, so a review costs
 //! about what the rules read, not what the object holds. What is kept is
 //! [`crate::core::mutate::READS`], beside the rules that read it.
+//!
+//! What is kept is bounded too: at most [`MAX_KEPT_VALUES`] values are built from one object,
+//! whatever the body holds. A 6 MB `env` array in the outpost container would otherwise become a
+//! tree of about 13 times its size; past the cap the review is refused as a bad shape (400), and
+//! only the first [`MAX_KEPT_VALUES`] values were ever built.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -30,6 +35,12 @@ pub enum Keep {
     /// container does not start with its name, everything is kept.
     Containers,
 }
+
+/// The most JSON values (objects, arrays, scalars, each counted once) built from one object. An
+/// outpost Service or Deployment has a few hundred in the fields the rules read; each costs at
+/// most about 700 bytes beyond its strings (a one-member object is a `BTreeMap` leaf), so one
+/// parse builds at most about 1.4 MiB of nodes.
+pub const MAX_KEPT_VALUES: usize = 2048;
 
 pub(super) fn object<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     struct Opt;
@@ -59,10 +70,101 @@ pub(super) fn object<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Va
     d.deserialize_option(Opt)
 }
 
-/// What pruning has learnt so far in one object.
+/// What pruning has learnt so far in one object, and how many values it has built.
 #[derive(Debug, Default)]
 struct Cx {
     outpost_type: std::cell::RefCell<Option<String>>,
+    kept: std::cell::Cell<usize>,
+}
+
+impl Cx {
+    /// Counts one more value built; an error once past [`MAX_KEPT_VALUES`].
+    fn keep<E: serde::de::Error>(&self) -> Result<(), E> {
+        let kept = self.kept.get() + 1;
+        self.kept.set(kept);
+        if kept > MAX_KEPT_VALUES {
+            return Err(E::custom(format_args!(
+                "the object has more than {MAX_KEPT_VALUES} values in the fields the webhook \
+                 reads (labels, selectors, containers, env, volumes); refused rather than built"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Builds a whole [`Value`], counting every value against [`MAX_KEPT_VALUES`].
+#[derive(Clone, Copy)]
+struct Counted<'c>(&'c Cx);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Counted<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Counted<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.0.keep()?;
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(self)?;
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.0.keep()?;
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(self)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        self.0.keep()?;
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        self.0.keep()?;
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        self.0.keep()?;
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        self.0.keep()?;
+        Ok(Value::from(v))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        self.0.keep()?;
+        Ok(Value::from(v))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        self.0.keep()?;
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.0.keep()?;
+        Ok(Value::Null)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.0.keep()?;
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
 }
 
 /// Deserializes a [`Value`], building only what `keep` asks for.
@@ -77,9 +179,9 @@ impl<'de> serde::de::DeserializeSeed<'de> for Pruned<'_> {
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         match self.keep {
-            Keep::All => Value::deserialize(d),
+            Keep::All => Counted(self.cx).deserialize(d),
             Keep::Labels => {
-                let labels = Value::deserialize(d)?;
+                let labels = Counted(self.cx).deserialize(d)?;
                 if let Some(t) = labels.get(OUTPOST_TYPE).and_then(Value::as_str) {
                     *self.cx.outpost_type.borrow_mut() = Some(t.to_owned());
                 }
@@ -92,32 +194,33 @@ impl<'de> serde::de::DeserializeSeed<'de> for Pruned<'_> {
 
 struct PrunedVisitor<'c>(Pruned<'c>);
 
-/// The scalar arms of a visitor that builds a [`Value`]: each scalar as `serde_json` would.
+/// The scalar arms of a visitor that builds a [`Value`]: each scalar as `serde_json` would,
+/// counted.
 macro_rules! scalars_as_values {
     () => {
-        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-            Ok(Value::Bool(v))
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+            Counted(self.cx()).visit_bool(v)
         }
-        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-            Ok(Value::from(v))
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+            Counted(self.cx()).visit_i64(v)
         }
-        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-            Ok(Value::from(v))
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+            Counted(self.cx()).visit_u64(v)
         }
-        fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-            Ok(Value::from(v))
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+            Counted(self.cx()).visit_f64(v)
         }
-        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-            Ok(Value::from(v))
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+            Counted(self.cx()).visit_str(v)
         }
-        fn visit_string<E>(self, v: String) -> Result<Value, E> {
-            Ok(Value::String(v))
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+            Counted(self.cx()).visit_string(v)
         }
-        fn visit_unit<E>(self) -> Result<Value, E> {
-            Ok(Value::Null)
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+            Counted(self.cx()).visit_unit()
         }
-        fn visit_none<E>(self) -> Result<Value, E> {
-            Ok(Value::Null)
+        fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+            Counted(self.cx()).visit_none()
         }
     };
 }
@@ -146,8 +249,9 @@ impl<'de> serde::de::Visitor<'de> for ContainerSeed<'_> {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let Keep::Keys(keys) = CONTAINER_READS else {
-            return Value::deserialize(serde::de::value::MapAccessDeserializer::new(map));
+            return Counted(self.cx).visit_map(map);
         };
+        self.cx.keep()?;
         let mut out = serde_json::Map::new();
         let mut whole = self.first || self.cx.outpost_type.borrow().is_none();
         let mut seen_first_key = false;
@@ -157,11 +261,11 @@ impl<'de> serde::de::Visitor<'de> for ContainerSeed<'_> {
                 whole |= key != "name";
             }
             if key == "name" {
-                let name: Value = map.next_value()?;
+                let name: Value = map.next_value_seed(Counted(self.cx))?;
                 whole |= name.as_str() == self.cx.outpost_type.borrow().as_deref();
                 out.insert("name".into(), name);
             } else if whole && keys.iter().any(|(k, _)| *k == key) {
-                out.insert(key.into_owned(), map.next_value()?);
+                out.insert(key.into_owned(), map.next_value_seed(Counted(self.cx))?);
             } else {
                 map.next_value::<serde::de::IgnoredAny>()?;
             }
@@ -170,10 +274,22 @@ impl<'de> serde::de::Visitor<'de> for ContainerSeed<'_> {
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
-        Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+        Counted(self.cx).visit_seq(seq)
     }
 
     scalars_as_values!();
+}
+
+impl<'c> ContainerSeed<'c> {
+    fn cx(&self) -> &'c Cx {
+        self.cx
+    }
+}
+
+impl<'c> PrunedVisitor<'c> {
+    fn cx(&self) -> &'c Cx {
+        self.0.cx
+    }
 }
 
 /// A map key, borrowed from the input unless it had escapes.
@@ -210,8 +326,9 @@ impl<'de> serde::de::Visitor<'de> for PrunedVisitor<'_> {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let Keep::Keys(keys) = self.0.keep else {
-            return Value::deserialize(serde::de::value::MapAccessDeserializer::new(map));
+            return Counted(self.0.cx).visit_map(map);
         };
+        self.0.cx.keep()?;
         let mut out = serde_json::Map::new();
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             match keys.iter().find(|(k, _)| *k == key) {
@@ -239,7 +356,11 @@ impl<'de> serde::de::Visitor<'de> for PrunedVisitor<'_> {
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let cx = self.0.cx;
-        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        if !matches!(self.0.keep, Keep::Each(_) | Keep::Containers) {
+            return Counted(cx).visit_seq(seq);
+        }
+        cx.keep()?;
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
         match self.0.keep {
             Keep::Each(keep) => {
                 while let Some(v) = seq.next_element_seed(Pruned { keep: *keep, cx })? {
@@ -254,7 +375,7 @@ impl<'de> serde::de::Visitor<'de> for PrunedVisitor<'_> {
                     out.push(v);
                 }
             }
-            _ => return Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)),
+            _ => {}
         }
         Ok(Value::Array(out))
     }
