@@ -41,6 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             max_inflight_bytes: 64 << 20,
             default_timeout: Duration::from_secs(5),
         },
+        cluster: outpost_webhook::cluster::Settings::off(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

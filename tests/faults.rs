@@ -762,9 +762,11 @@ fn many_http2_streams_of_large_bodies_stay_within_the_documented_memory_bound() 
         let body = bytes::Bytes::from(serde_json::to_vec(&review).unwrap());
         assert!(body.len() <= budget::DEFAULT_MAX_BODY_BYTES);
         let mut streams = Vec::new();
-        for _ in 0..2 {
+        // 24 streams, each connection at the server's stream limit (more are refused with
+        // REFUSED_STREAM before the client has read the server's SETTINGS).
+        for _ in 0..3 {
             let (sender, _task) = h2_connect(served.addr, &ca).await;
-            for _ in 0..12 {
+            for _ in 0..outpost_webhook::serve::listen::H2_MAX_STREAMS {
                 let mut sender = sender.clone();
                 let body = body.clone();
                 streams.push(tokio::spawn(async move {

@@ -44,6 +44,20 @@ pub struct Settings {
     pub pace: reconciler::Pace,
 }
 
+impl Settings {
+    /// The view off: admission decides without the cluster.
+    #[must_use]
+    pub fn off() -> Self {
+        Self {
+            mode: Mode::Off,
+            namespaces: vec!["authentik".into()],
+            lease_namespace: "outpost-webhook".into(),
+            identity: identity(),
+            pace: reconciler::Pace::default(),
+        }
+    }
+}
+
 /// Why the cluster view could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

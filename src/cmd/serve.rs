@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::{Error, duration};
 use crate::{
+    cluster,
     core::admission::DEFAULT_PORT,
     logging::{self, LogFormat},
     serve::{self, CertSource, Config, Limits, Settings, budget},
@@ -97,6 +98,28 @@ pub struct ServeArgs {
     /// Log level: error, warn, info, debug or trace. Object contents are never logged.
     #[arg(long, default_value = "info", env = "OUTPOST_WEBHOOK_LOG_LEVEL")]
     pub log_level: tracing::Level,
+    /// The cluster view (watch cache, Lease, reconciler): `auto` is on only inside a cluster;
+    /// `on` also uses KUBECONFIG or ~/.kube/config; `off` decides without the cluster.
+    #[arg(long, value_enum, default_value_t = cluster::Mode::Auto, env = "OUTPOST_WEBHOOK_CLUSTER")]
+    pub cluster: cluster::Mode,
+    /// A namespace whose outposts are watched and reconciled (repeatable).
+    #[arg(
+        long = "watch-namespace",
+        value_name = "NS",
+        default_value = "authentik"
+    )]
+    pub watch_namespaces: Vec<String>,
+    /// Where the reconciler's Lease lives: the webhook's own namespace.
+    #[arg(
+        long,
+        value_name = "NS",
+        default_value = "outpost-webhook",
+        env = "POD_NAMESPACE"
+    )]
+    pub lease_namespace: String,
+    /// The least time between two reconciler writes that roll an outpost's pods.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    pub roll_interval: Duration,
 }
 
 /// Runs `serve` until SIGTERM or SIGINT, then drains and returns.
@@ -130,6 +153,16 @@ pub fn execute(args: ServeArgs) -> Result<(), Error> {
             max_body_bytes: args.max_body_bytes,
             default_timeout: args.request_timeout,
             max_inflight_bytes: args.max_inflight_bytes,
+        },
+        cluster: cluster::Settings {
+            mode: args.cluster,
+            namespaces: args.watch_namespaces,
+            lease_namespace: args.lease_namespace,
+            identity: cluster::identity(),
+            pace: cluster::reconciler::Pace {
+                roll_interval: args.roll_interval,
+                ..cluster::reconciler::Pace::default()
+            },
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

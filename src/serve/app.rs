@@ -53,6 +53,8 @@ pub struct App {
     pub limits: Limits,
     /// The request bytes in flight, across all connections.
     pub budget: Budget,
+    /// The cluster view, once started (`--cluster`); admission reads it, never the API.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cache>>,
     draining: AtomicBool,
 }
 
@@ -71,6 +73,7 @@ impl App {
             metrics: Metrics::default(),
             limits,
             budget: Budget::new(limits.max_inflight_bytes, limits.max_body_bytes),
+            cluster: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
         };
         app.metrics
@@ -103,7 +106,26 @@ impl App {
                  refuses it. Renew the certificate Secret"
             ));
         }
+        if let Some(cache) = self.cluster.get()
+            && !cache.ready()
+        {
+            let forbidden = cache.forbidden();
+            return Some(if forbidden.is_empty() {
+                "the cluster view has not listed everything yet".into()
+            } else {
+                format!("the apiserver refuses: {}", forbidden.join("; "))
+            });
+        }
         None
+    }
+
+    /// What admission knows of the cluster: the watch cache, or nothing when the view is off.
+    #[must_use]
+    pub fn view(&self) -> &dyn crate::core::cluster::View {
+        match self.cluster.get() {
+            Some(cache) => cache.as_ref(),
+            None => &crate::core::cluster::Off,
+        }
     }
 
     /// Fails readiness, so endpoints drop this pod before it stops serving.

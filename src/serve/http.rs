@@ -356,7 +356,7 @@ fn answer(app: &App, request: &admission::Request, started: Instant) -> Response
     );
     let _entered = span.enter();
     let policy = app.policy.current();
-    let outcome = admission::decide(&policy, &crate::core::cluster::Off, request);
+    let outcome = admission::decide(&policy, app.view(), request);
     let body = admission::response(&request.uid, &outcome);
 
     let elapsed = started.elapsed();

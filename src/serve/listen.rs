@@ -38,12 +38,15 @@ use super::{
 
 /// HTTP/2 streams one connection may have open at once. The apiserver opens another connection
 /// when it needs more.
-pub const H2_MAX_STREAMS: u32 = 16;
+pub const H2_MAX_STREAMS: u32 = 8;
 /// The HTTP/2 window of one stream: request body bytes a client may send before the handler has
 /// read them, so before they are counted in the budget.
-pub const H2_STREAM_WINDOW: u32 = 64 * 1024;
-/// The HTTP/2 window of a whole connection: unread body bytes across its streams.
-pub const H2_CONNECTION_WINDOW: u32 = 128 * 1024;
+pub const H2_STREAM_WINDOW: u32 = 16 * 1024;
+/// The HTTP/2 window of a whole connection: unread body bytes across its streams. It holds every
+/// stream's full window, so streams that wait for the budget can never use up the window of the
+/// one being read: a client that opens many large streams on one connection is answered (200, or
+/// 503 when the budget stays full), never stalled into a 408.
+pub const H2_CONNECTION_WINDOW: u32 = H2_MAX_STREAMS * H2_STREAM_WINDOW;
 /// The largest header block of one HTTP/2 request (the apiserver's are under 1 KiB).
 pub const H2_MAX_HEADER_LIST: u32 = 8 * 1024;
 /// hyper's HTTP/1 read buffer, which holds the request head.

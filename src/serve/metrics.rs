@@ -165,7 +165,8 @@ fn index<L: PartialEq>(all: &[L], value: &L) -> usize {
 
 /// All the process's metrics, and the registry that exposes them.
 pub struct Metrics {
-    registry: Registry,
+    /// Behind a lock only so the cluster view can add its metrics after start; scrapes take it.
+    registry: std::sync::Mutex<Registry>,
     /// Indexed by kind, operation, outcome (each in its `ALL` order).
     requests: Vec<Counter>,
     bad_requests: Vec<Counter>,
@@ -273,7 +274,7 @@ impl Default for Metrics {
             tls_handshake_failures.clone(),
         );
         Self {
-            registry,
+            registry: std::sync::Mutex::new(registry),
             requests,
             bad_requests,
             latency,
@@ -366,12 +367,27 @@ impl Metrics {
         self.tls_handshake_failures.inc();
     }
 
+    /// Adds the cluster view's metrics: its cache state and the reconciler's.
+    pub fn register_cluster(&self, cluster: &crate::cluster::Running) {
+        let mut registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cluster
+            .metrics
+            .register(&mut registry, std::sync::Arc::clone(&cluster.cache));
+    }
+
     /// The `OpenMetrics` text exposition, which Prometheus reads.
     #[must_use]
     pub fn render(&self) -> String {
         let mut s = String::with_capacity(16 * 1024);
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = prometheus_client::encoding::text::encode(&mut s, &registry);
         s
     }
 }

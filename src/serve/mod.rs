@@ -76,6 +76,8 @@ pub struct Config {
     /// The policy file; the built-in policy when `None`.
     pub policy: Option<PathBuf>,
     pub limits: Limits,
+    /// The cluster view: watch cache, Lease and reconciler.
+    pub cluster: crate::cluster::Settings,
 }
 
 /// Why the server could not start.
@@ -87,6 +89,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error(transparent)]
     Tls(#[from] PollError<TlsError>),
     #[error(transparent)]
@@ -224,11 +228,42 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 /// When the server cannot start.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let (app, tls) = prepare(&config)?;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let cluster = start_cluster(&config.cluster, &app, stop_rx).await?;
     let running = start(config.settings, app, tls).await?;
     shutdown.await;
+    let _ = stop.send(true);
     running.shutdown();
     running.wait().await;
+    if let Some(cluster) = cluster {
+        cluster.abort();
+    }
     Ok(())
+}
+
+/// Starts the cluster view when `settings.mode` and the environment say so, and hands its cache
+/// to admission. Readiness waits for its first list.
+async fn start_cluster(
+    settings: &crate::cluster::Settings,
+    app: &Arc<App>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<crate::cluster::Running>, ServeError> {
+    let Some(client) = crate::cluster::client(settings.mode).await? else {
+        return Ok(None);
+    };
+    let secrets = app.policy.current().secret_names();
+    let policy_app = Arc::clone(app);
+    let running = crate::cluster::start(
+        client,
+        settings,
+        &secrets,
+        move || policy_app.policy.current(),
+        stop,
+    )
+    .await?;
+    app.metrics.register_cluster(&running);
+    let _ = app.cluster.set(Arc::clone(&running.cache));
+    Ok(Some(running))
 }
 
 #[cfg(test)]

@@ -71,6 +71,7 @@ impl TestServer {
             client_ca: None,
             policy: None,
             limits: limits(),
+            cluster: outpost_webhook::cluster::Settings::off(),
         };
         adjust(&mut config);
         let (app, tls) = serve::prepare(&config).unwrap();
