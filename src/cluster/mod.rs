@@ -6,6 +6,7 @@
 //! core's (`core::cluster`, `core::reconcile`).
 
 pub mod cache;
+pub mod inspect;
 pub mod metrics;
 pub mod reconciler;
 

@@ -35,7 +35,7 @@ use crate::k8s::{
 pub const MAX_WARNING_CHARS: usize = 120;
 
 /// The kinds of object the webhook fixes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ObjectKind {
     Service,
     Deployment,
@@ -329,6 +329,16 @@ fn identify(object: &Value) -> Identity<'_> {
     }
 }
 
+/// The index of the outpost container: the one named after the outpost type (sidecars may come
+/// first), else the first.
+#[must_use]
+pub fn outpost_container(containers: &[Value], kind: &str) -> usize {
+    containers
+        .iter()
+        .position(|c| c.get("name").and_then(Value::as_str) == Some(kind))
+        .unwrap_or(0)
+}
+
 /// The labels on an outpost's pods, as authentik's controller writes them into the Deployment's
 /// `spec.selector.matchLabels`. The Service must select exactly these.
 #[must_use]
@@ -536,11 +546,7 @@ impl Fixer {
             self.warn("has no containers in spec.template.spec");
             return;
         };
-        // The outpost container is named after the outpost type; sidecars may come first.
-        let index = containers
-            .iter()
-            .position(|c| c.get("name").and_then(Value::as_str) == Some(outpost.kind))
-            .unwrap_or(0);
+        let index = outpost_container(containers, outpost.kind);
         let Some(container) = containers.get(index).and_then(Value::as_object) else {
             self.warn("its outpost container is not an object");
             return;

@@ -1,8 +1,8 @@
 //! The policy: what outpost-webhook fixes, and the per-outpost [`Effective`] form the core
 //! consumes.
 //!
-//! Pure: no I/O. The file format is in [`file`], validation in [`compile`], the config checksum in
-//! [`checksum`]; the shell reads the bytes (`serve::polled`).
+//! Pure: no I/O. The file format is in [`file`], validation in `compile`, the config checksum in
+//! `checksum`; the shell reads the bytes (`serve::polled`).
 //!
 //! Rules apply in order. A later rule overrides an earlier one field by field; the keyed lists
 //! (`env` by name, `volumes` by name, `volumeMounts` by mountPath) and the label and annotation maps

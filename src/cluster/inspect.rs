@@ -1,0 +1,1 @@
+//! Reads what `doctor` checks from the live cluster. (Being written.)
