@@ -10,8 +10,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Each error keeps one source, so the chain names every cause once.
+            let code = e.exit_code();
             eprintln!("error: {:#}", anyhow::Error::from(e));
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }

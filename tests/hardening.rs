@@ -266,7 +266,7 @@ fn webhook_config_ca_bundle_refuses_keys_leaves_and_empty_files() {
 #[test]
 fn webhook_config_ca_bundle_is_repeatable_old_then_new() {
     use outpost_webhook::{
-        cmd::webhook_config::{Options, Target, render},
+        cmd::webhook_config::{Options, render},
         pki::pem_certificate,
     };
     let (old, new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -276,15 +276,9 @@ fn webhook_config_ca_bundle_is_repeatable_old_then_new() {
     let o = webhook_config(&[&old_ca, &new_ca]);
     assert!(o.status.success(), "{}", stderr(&o));
     let pem = |p: &Path| pem_certificate(&x509::first_certificate(&fs::read(p).unwrap()).unwrap());
-    let want = render(&Options {
-        ca_bundle: Some((pem(&old_ca) + &pem(&new_ca)).into_bytes()),
-        target: Target::Service {
-            name: "outpost-webhook".into(),
-            namespace: "outpost-webhook".into(),
-        },
-        namespace_selector: None,
-        failure_policy: None,
-    })
+    let want = render(&Options::shipped(Some(
+        (pem(&old_ca) + &pem(&new_ca)).into_bytes(),
+    )))
     .unwrap();
     assert_eq!(stdout(&o), want);
     assert_ne!(stdout(&webhook_config(&[&new_ca, &old_ca])), want);

@@ -1,1 +1,419 @@
-//! Reads what `doctor` checks from the live cluster. (Being written.)
+//! Reads what `doctor` checks from the live cluster: the registration and the Service it calls,
+//! and in each namespace the outpost Services, every Deployment, Pod and `EndpointSlice`, the
+//! Secrets the outposts' env names, and what a no-op dry-run PATCH of each outpost object returns.
+//!
+//! Network I/O: reads, and `PATCH`es with `dryRun=All` that change nothing (the apiserver runs
+//! admission on them and stores nothing). Secret data is turned into SHA-256 digests by key as
+//! soon as it arrives, so no value is held past this module. The checks are the core's
+//! (`core::doctor`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
+    apps::v1::Deployment,
+    core::v1::{Pod, Secret, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{ListParams, LogParams, Patch, PatchParams},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+
+use crate::{
+    core::{
+        cluster::{deployment_selector, secret_digests},
+        doctor::Inputs,
+        mutate::{ObjectKind, identify_outpost, outpost_container},
+    },
+    k8s::{MANAGED_BY, MANAGED_BY_AUTHENTIK},
+};
+
+/// What to read.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// The namespaces whose outposts are checked.
+    pub namespaces: Vec<String>,
+    /// The MutatingWebhookConfiguration's name.
+    pub registration: String,
+    /// Secrets the policy reads, by name, in each namespace.
+    pub secrets: BTreeSet<String>,
+    /// Read the start of each outpost pod's log.
+    pub logs: bool,
+}
+
+/// How long the first request may take: an apiserver that does not answer it is unreachable.
+pub const FIRST_ANSWER: Duration = Duration::from_secs(8);
+
+/// How much of a pod's log is read: its start, where the outpost says its mode and backend.
+const LOG_BYTES: i64 = 64 * 1024;
+
+/// Why `doctor` cannot run. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("cannot reach the apiserver: {0}")]
+    Unreachable(String),
+    #[error(
+        "the apiserver refuses `{verb} {resource}`{}: doctor needs it (read-only, plus a dry-run \
+         patch); ask for a Role that allows it",
+        in_namespace(.namespace.as_deref())
+    )]
+    Forbidden {
+        verb: &'static str,
+        resource: &'static str,
+        namespace: Option<String>,
+    },
+    #[error("the apiserver answered `{verb} {resource}`{} with {code}: {message}", in_namespace(.namespace.as_deref()))]
+    Api {
+        verb: &'static str,
+        resource: &'static str,
+        namespace: Option<String>,
+        code: u16,
+        message: String,
+    },
+}
+
+fn in_namespace(namespace: Option<&str>) -> String {
+    namespace.map_or_else(String::new, |ns| format!(" in namespace {ns}"))
+}
+
+/// One request, as it is named in errors.
+#[derive(Debug, Clone, Copy)]
+struct What<'a> {
+    verb: &'static str,
+    resource: &'static str,
+    namespace: Option<&'a str>,
+}
+
+impl What<'_> {
+    fn error(self, e: kube::Error) -> InspectError {
+        let namespace = self.namespace.map(str::to_owned);
+        match e {
+            kube::Error::Api(s) if s.code == 401 || s.code == 403 => InspectError::Forbidden {
+                verb: self.verb,
+                resource: self.resource,
+                namespace,
+            },
+            kube::Error::Api(s) => InspectError::Api {
+                verb: self.verb,
+                resource: self.resource,
+                namespace,
+                code: s.code,
+                message: s.message.clone(),
+            },
+            other => InspectError::Unreachable(crate::core::one_line(&error_chain(&other))),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+fn to_values<K: Serialize>(objects: impl IntoIterator<Item = K>) -> Vec<Value> {
+    objects
+        .into_iter()
+        .filter_map(|o| serde_json::to_value(o).ok())
+        .collect()
+}
+
+async fn get<K>(api: &Api<K>, name: &str, what: What<'_>) -> Result<Option<Value>, InspectError>
+where
+    K: Clone + DeserializeOwned + std::fmt::Debug + Serialize,
+{
+    let object = api.get_opt(name).await.map_err(|e| what.error(e))?;
+    Ok(object.and_then(|o| serde_json::to_value(o).ok()))
+}
+
+async fn list<K>(
+    api: &Api<K>,
+    params: &ListParams,
+    what: What<'_>,
+) -> Result<Vec<Value>, InspectError>
+where
+    K: Clone + DeserializeOwned + std::fmt::Debug + Serialize,
+{
+    let list = api.list(params).await.map_err(|e| what.error(e))?;
+    Ok(to_values(list.items))
+}
+
+/// Reads everything `doctor` checks. `now` and the expected registration are the caller's.
+///
+/// # Errors
+/// When the apiserver cannot be reached within [`FIRST_ANSWER`], or refuses a read or the dry
+/// run (naming the verb and resource).
+pub async fn gather(client: &Client, scope: &Scope) -> Result<Inputs, InspectError> {
+    let mut inputs = Inputs {
+        registration_name: scope.registration.clone(),
+        namespaces: scope.namespaces.clone(),
+        ..Inputs::default()
+    };
+    let registrations = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    let what = What {
+        verb: "get",
+        resource: "mutatingwebhookconfigurations",
+        namespace: None,
+    };
+    inputs.registration =
+        tokio::time::timeout(FIRST_ANSWER, get(&registrations, &scope.registration, what))
+            .await
+            .map_err(|_| {
+                InspectError::Unreachable(format!("no answer within {} s", FIRST_ANSWER.as_secs()))
+            })??;
+
+    if let Some((namespace, name)) = webhook_service(inputs.registration.as_ref()) {
+        let api = Api::<Service>::namespaced(client.clone(), &namespace);
+        let what = What {
+            verb: "get",
+            resource: "services",
+            namespace: Some(&namespace),
+        };
+        inputs.webhook_service = get(&api, &name, what).await?;
+        // A watched namespace's EndpointSlices are all read below.
+        if inputs.webhook_service.is_some() && !scope.namespaces.contains(&namespace) {
+            let api = Api::<EndpointSlice>::namespaced(client.clone(), &namespace);
+            let params =
+                ListParams::default().labels(&format!("kubernetes.io/service-name={name}"));
+            let what = What {
+                verb: "list",
+                resource: "endpointslices",
+                namespace: Some(&namespace),
+            };
+            inputs
+                .endpoint_slices
+                .extend(list(&api, &params, what).await?);
+        }
+    }
+
+    for ns in &scope.namespaces {
+        let at = |verb, resource| What {
+            verb,
+            resource,
+            namespace: Some(ns),
+        };
+        let outposts =
+            ListParams::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_AUTHENTIK}"));
+        let all = ListParams::default();
+        let services = Api::<Service>::namespaced(client.clone(), ns);
+        inputs
+            .services
+            .extend(list(&services, &outposts, at("list", "services")).await?);
+        let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
+        inputs
+            .deployments
+            .extend(list(&deployments, &all, at("list", "deployments")).await?);
+        let pods = Api::<Pod>::namespaced(client.clone(), ns);
+        inputs
+            .pods
+            .extend(list(&pods, &all, at("list", "pods")).await?);
+        let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns);
+        inputs
+            .endpoint_slices
+            .extend(list(&slices, &all, at("list", "endpointslices")).await?);
+
+        let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+        for name in secret_names(scope, &inputs.deployments, ns) {
+            let what = at("get", "secrets");
+            let secret = get(&secrets, &name, what).await?;
+            // Digests only, from here on.
+            inputs
+                .secrets
+                .insert((ns.clone(), name), secret.as_ref().map(secret_digests));
+        }
+    }
+
+    dry_runs(client, &mut inputs).await?;
+    if scope.logs {
+        inputs.logs = Some(logs(client, &inputs).await?);
+    }
+    Ok(inputs)
+}
+
+/// The Service the first webhook calls, as (namespace, name).
+fn webhook_service(registration: Option<&Value>) -> Option<(String, String)> {
+    let service = registration?
+        .get("webhooks")?
+        .as_array()?
+        .iter()
+        .find_map(|w| w.pointer("/clientConfig/service"))?;
+    let text = |k: &str| Some(service.get(k)?.as_str()?.to_owned());
+    Some((text("namespace")?, text("name")?))
+}
+
+/// The policy's Secrets, and every Secret an outpost container's env or envFrom names.
+fn secret_names(scope: &Scope, deployments: &[Value], namespace: &str) -> BTreeSet<String> {
+    let mut names = scope.secrets.clone();
+    for d in deployments {
+        if d.pointer("/metadata/namespace").and_then(Value::as_str) != Some(namespace) {
+            continue;
+        }
+        let Some(outpost) = identify_outpost(d) else {
+            continue;
+        };
+        let containers = d
+            .pointer("/spec/template/spec/containers")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let Some(container) = containers.get(outpost_container(containers, outpost.kind)) else {
+            continue;
+        };
+        let refs = container
+            .get("env")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.pointer("/valueFrom/secretKeyRef/name"))
+            .chain(
+                container
+                    .get("envFrom")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.pointer("/secretRef/name")),
+            );
+        names.extend(refs.filter_map(Value::as_str).map(str::to_owned));
+    }
+    names
+}
+
+/// A no-op dry-run PATCH of each outpost object: the apiserver runs admission (this webhook) on
+/// it as on any write, and answers with what it would store.
+async fn dry_runs(client: &Client, inputs: &mut Inputs) -> Result<(), InspectError> {
+    let params = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    let nothing: Patch<Value> = Patch::Merge(json!({}));
+    let objects: Vec<(ObjectKind, String, String)> = inputs
+        .services
+        .iter()
+        .map(|s| (ObjectKind::Service, s))
+        .chain(
+            inputs
+                .deployments
+                .iter()
+                .map(|d| (ObjectKind::Deployment, d)),
+        )
+        .filter(|(_, o)| identify_outpost(o).is_some())
+        .map(|(kind, o)| {
+            let text = |p: &str| {
+                o.pointer(p)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            (kind, text("/metadata/namespace"), text("/metadata/name"))
+        })
+        .collect();
+    for (kind, namespace, name) in objects {
+        let what = What {
+            verb: "patch",
+            resource: match kind {
+                ObjectKind::Service => "services",
+                ObjectKind::Deployment => "deployments",
+            },
+            namespace: Some(&namespace),
+        };
+        let result = match kind {
+            ObjectKind::Service => Api::<Service>::namespaced(client.clone(), &namespace)
+                .patch(&name, &params, &nothing)
+                .await
+                .map(|o| serde_json::to_value(o).unwrap_or_default()),
+            ObjectKind::Deployment => Api::<Deployment>::namespaced(client.clone(), &namespace)
+                .patch(&name, &params, &nothing)
+                .await
+                .map(|o| serde_json::to_value(o).unwrap_or_default()),
+        };
+        let answer = match result {
+            Ok(v) => Ok(v),
+            // A refused dry run is a finding (the webhook is down or denies), unless RBAC
+            // refused it: then doctor cannot check admission at all.
+            Err(kube::Error::Api(s)) if s.code != 401 && s.code != 403 => {
+                Err(crate::core::one_line(&s.message))
+            }
+            Err(e) => return Err(what.error(e)),
+        };
+        inputs.dry_runs.insert((kind, namespace, name), answer);
+    }
+    Ok(())
+}
+
+/// The start of each outpost pod's log, from its outpost container.
+async fn logs(
+    client: &Client,
+    inputs: &Inputs,
+) -> Result<BTreeMap<(String, String), String>, InspectError> {
+    let mut out = BTreeMap::new();
+    for d in &inputs.deployments {
+        let (Some(outpost), Some(selector)) = (identify_outpost(d), deployment_selector(d)) else {
+            continue;
+        };
+        let namespace = d
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let api = Api::<Pod>::namespaced(client.clone(), namespace);
+        for pod in &inputs.pods {
+            let labels = pod.pointer("/metadata/labels").and_then(Value::as_object);
+            let selected = pod.pointer("/metadata/namespace").and_then(Value::as_str)
+                == Some(namespace)
+                && selector.iter().all(|(k, v)| {
+                    labels.and_then(|l| l.get(k)).and_then(Value::as_str) == Some(v.as_str())
+                });
+            if !selected {
+                continue;
+            }
+            let containers = pod
+                .pointer("/spec/containers")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let container = containers
+                .get(outpost_container(containers, outpost.kind))
+                .and_then(|c| c.get("name"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            let name = pod
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let params = LogParams {
+                container,
+                limit_bytes: Some(LOG_BYTES),
+                ..LogParams::default()
+            };
+            match api.logs(name, &params).await {
+                Ok(text) => {
+                    out.insert((namespace.to_owned(), name.to_owned()), text);
+                }
+                // A pod that has not started has no log yet: nothing to say of it.
+                Err(kube::Error::Api(s)) if s.code != 401 && s.code != 403 => {}
+                Err(e) => {
+                    return Err(What {
+                        verb: "get",
+                        resource: "pods/log",
+                        namespace: Some(namespace),
+                    }
+                    .error(e));
+                }
+            }
+        }
+    }
+    Ok(out)
+}

@@ -4,6 +4,7 @@
 //! chain of causes once.
 
 pub mod certs;
+pub mod doctor;
 pub mod mutate;
 pub mod policy;
 pub mod serve;
@@ -73,6 +74,17 @@ pub enum Command {
     /// Work with policy files.
     #[command(subcommand, display_name = "outpost-webhook")]
     Policy(policy::PolicyCommand),
+    /// Check a live cluster, as the operator's upgrade checklist does: the registration, each
+    /// outpost Service's pods and endpoints, each outpost Deployment's env, Secrets, replicas,
+    /// checksums and version.
+    ///
+    /// Read-only, through the caller's kubeconfig; the only write it sends is a dry-run PATCH
+    /// that changes nothing, to see what admission makes of each outpost object. Secret values
+    /// are never printed. Exits 0 when nothing failed (warnings allowed), 1 when a check failed,
+    /// 2 when it cannot run (no cluster, or a permission it lacks: it names the verb and
+    /// resource).
+    #[command(display_name = "outpost-webhook")]
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Why a command failed. Each variant keeps one source; `main` prints the chain.
@@ -92,6 +104,8 @@ pub enum Error {
     WebhookConfig(#[from] webhook_config::WebhookConfigError),
     #[error(transparent)]
     Certs(#[from] certs::CertsError),
+    #[error(transparent)]
+    Doctor(#[from] doctor::DoctorError),
     #[error("{what}")]
     Io {
         what: String,
@@ -109,6 +123,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// The process's exit code: 2 when `doctor` could not run, else 1.
+    #[must_use]
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Doctor(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
+
     fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {
             what: what.into(),
@@ -128,6 +151,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Policy(command) => policy::execute(&command),
         Command::WebhookConfig(args) => webhook_config::execute(args),
         Command::Certs(args) => Ok(certs::execute(&args)?),
+        Command::Doctor(args) => doctor::execute(&args),
     }
 }
 

@@ -142,6 +142,23 @@ pub struct Options {
     pub failure_policy: Option<String>,
 }
 
+impl Options {
+    /// The registration as `deploy/` installs it: the `outpost-webhook` Service in namespace
+    /// `outpost-webhook`, the shipped selectors and failure policy.
+    #[must_use]
+    pub fn shipped(ca_bundle: Option<Vec<u8>>) -> Self {
+        Self {
+            ca_bundle,
+            target: Target::Service {
+                name: "outpost-webhook".into(),
+                namespace: "outpost-webhook".into(),
+            },
+            namespace_selector: None,
+            failure_policy: None,
+        }
+    }
+}
+
 /// Renders the registration as YAML.
 ///
 /// # Errors

@@ -6,7 +6,10 @@
 //! objects, makes the dry runs and keeps only digests of Secret data, so no Secret value can reach
 //! a finding.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+};
 
 use base64::Engine as _;
 use serde::Serialize;
@@ -129,7 +132,10 @@ pub struct Report<'a> {
     pub findings: &'a [Finding],
 }
 
-/// The kind of a dry run's object.
+/// A Secret's data as a SHA-256 digest per key.
+pub type Digests = BTreeMap<String, [u8; 32]>;
+
+/// A dry run's object: kind, namespace, name.
 pub type DryRunKey = (ObjectKind, String, String);
 
 /// What `doctor` read of the cluster. Secrets are held as digests of their data by key: the
@@ -154,11 +160,11 @@ pub struct Inputs {
     pub deployments: Vec<Value>,
     /// Every Pod in the namespaces.
     pub pods: Vec<Value>,
-    /// Every EndpointSlice in the namespaces and in the webhook Service's namespace.
+    /// Every `EndpointSlice` in the namespaces and in the webhook Service's namespace.
     pub endpoint_slices: Vec<Value>,
     /// Each Secret read, by (namespace, name): the digest of each key's data; `None` when it
     /// does not exist.
-    pub secrets: BTreeMap<(String, String), Option<BTreeMap<String, [u8; 32]>>>,
+    pub secrets: BTreeMap<(String, String), Option<Digests>>,
     /// What a no-op dry-run PATCH returned for each outpost object, or the apiserver's error.
     pub dry_runs: BTreeMap<DryRunKey, Result<Value, String>>,
     /// With `--logs`: the start of each outpost pod's log, by (namespace, pod).
@@ -516,7 +522,10 @@ fn service(
     let has_outpost_keys = [OUTPOST_NAME, OUTPOST_TYPE, OUTPOST_UUID]
         .iter()
         .any(|k| selector.contains_key(*k));
-    let wanted: Labels = labels_of(&Value::Object(pod_selector(&outpost)));
+    let wanted: Labels = pod_selector(&outpost)
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v.as_str()?.to_owned())))
+        .collect();
     let standalone = in_namespace(&inputs.deployments, namespace)
         .find(|d| deployment_selector(d).as_ref() == Some(&wanted))
         .map(name_of);
@@ -1027,7 +1036,7 @@ fn logs(
 /// The top-level fields a dry run changed, as `spec.selector`, `metadata.labels`...
 fn changed_fields(stored: &Value, returned: &Value) -> Vec<String> {
     let mut out = BTreeSet::new();
-    for (section, depth) in [("spec", 3), ("metadata", 2)] {
+    for section in ["spec", "metadata"] {
         let a = stored.get(section).cloned().unwrap_or(Value::Null);
         let b = returned.get(section).cloned().unwrap_or(Value::Null);
         let (a, b) = if section == "metadata" {
@@ -1047,11 +1056,14 @@ fn changed_fields(stored: &Value, returned: &Value) -> Vec<String> {
                 json_patch::PatchOperation::Copy(o) => o.path.clone(),
                 json_patch::PatchOperation::Test(o) => o.path.clone(),
             };
-            let tokens: Vec<String> = path
-                .tokens()
-                .take(depth)
-                .map(|t| t.decoded().into_owned())
-                .collect();
+            let tokens: Vec<String> = path.tokens().map(|t| t.decoded().into_owned()).collect();
+            // Deep enough to say what changed, never down to a label key or list index:
+            // `spec.selector`, `spec.template.spec.containers`, `metadata.annotations`.
+            let depth = match tokens.first().map(String::as_str) {
+                Some("template") => 3,
+                _ => 1,
+            };
+            let tokens: Vec<String> = tokens.into_iter().take(depth).collect();
             out.insert(
                 std::iter::once(section.to_owned())
                     .chain(tokens)
@@ -1071,7 +1083,7 @@ fn pick(object: &Value, keys: &[&str]) -> Value {
     )
 }
 
-/// Ready endpoints in the EndpointSlices of Service `name`. An endpoint whose `ready` condition
+/// Ready endpoints in the `EndpointSlice`s of Service `name`. An endpoint whose `ready` condition
 /// is unset counts as ready, as the API says consumers should read it.
 fn ready_endpoints(slices: &[Value], namespace: &str, name: &str) -> usize {
     in_namespace(slices, namespace)
@@ -1171,20 +1183,85 @@ pub fn render_text(findings: &[Finding]) -> String {
             out.push('\n');
             group = Some(&f.group);
         }
-        out.push_str(&format!(
-            "  {:<4}  {:<22}  {}: {}\n",
+        let _ = writeln!(
+            out,
+            "  {:<4}  {:<22}  {}: {}",
             f.severity.as_str(),
             f.check.id(),
             f.object,
             f.message
-        ));
+        );
     }
     let count = |s| findings.iter().filter(|f| f.severity == s).count();
-    out.push_str(&format!(
-        "\n{} ok, {} warn, {} fail\n",
+    let _ = writeln!(
+        out,
+        "\n{} ok, {} warn, {} fail",
         count(Severity::Ok),
         count(Severity::Warn),
         count(Severity::Fail)
-    ));
+    );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn image_tags_ignore_registry_ports_and_digests() {
+        assert_eq!(tag("ghcr.io/goauthentik/proxy:2026.2.4"), "2026.2.4");
+        assert_eq!(tag("registry:5000/proxy"), "latest");
+        assert_eq!(tag("registry:5000/proxy:1.2@sha256:abc"), "1.2");
+        assert_eq!(tag("proxy"), "latest");
+    }
+
+    #[test]
+    fn an_endpoint_with_no_ready_condition_counts_as_ready() {
+        let slices = [json!({"metadata": {"namespace": "a", "labels": {
+                "kubernetes.io/service-name": "s"}},
+            "endpoints": [{"addresses": ["10.0.0.1"]},
+                          {"addresses": ["10.0.0.2"], "conditions": {"ready": false}},
+                          {"addresses": ["10.0.0.3"], "conditions": {"ready": true}}]})];
+        assert_eq!(ready_endpoints(&slices, "a", "s"), 2);
+        assert_eq!(ready_endpoints(&slices, "b", "s"), 0);
+        assert_eq!(ready_endpoints(&slices, "a", "t"), 0);
+    }
+
+    #[test]
+    fn changed_fields_name_the_field_not_the_key() {
+        let stored = json!({"metadata": {"labels": {"a": "1"}, "resourceVersion": "1"},
+                            "spec": {"selector": {"x": "1"}, "template": {"spec": {
+                                "containers": [{"env": []}]}}}});
+        let mut returned = stored.clone();
+        returned["metadata"]["resourceVersion"] = json!("2");
+        assert!(changed_fields(&stored, &returned).is_empty());
+        returned["spec"]["selector"]["y"] = json!("2");
+        returned["spec"]["template"]["spec"]["containers"][0]["env"] = json!([{"name": "E"}]);
+        returned["metadata"]["annotations"] = json!({"k": "v"});
+        assert_eq!(
+            changed_fields(&stored, &returned),
+            [
+                "metadata.annotations",
+                "spec.selector",
+                "spec.template.spec.containers"
+            ]
+        );
+    }
+
+    #[test]
+    fn findings_serialize_with_stable_ids_and_no_group() {
+        let f = Finding {
+            check: Check::ServiceEndpoints,
+            severity: Severity::Warn,
+            object: "Service/a/b".into(),
+            message: "m".into(),
+            group: Group::Registration,
+        };
+        assert_eq!(
+            serde_json::to_value(Report { findings: &[f] }).unwrap(),
+            json!({"findings": [{"check": "service.endpoints", "severity": "warn",
+                                 "object": "Service/a/b", "message": "m"}]})
+        );
+    }
 }

@@ -1,0 +1,856 @@
+//! `doctor` end to end below the kubeconfig: `cluster::inspect::gather` reads a cluster served by
+//! a mock apiserver (a `tower-test` mock `Service` behind `kube::Client`), and `core::doctor`
+//! checks what it read. The mock answers reads from a world of objects built from the shared
+//! fixtures, and answers a dry-run PATCH as the apiserver does: it runs admission, here the
+//! webhook's own core, when the registration exists. The process tests run the binary against an
+//! apiserver that is not there.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::Read as _,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use base64::Engine as _;
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use outpost_webhook::{
+    cluster::inspect::{self, InspectError, Scope},
+    cmd::webhook_config::{Options, render},
+    core::{
+        cluster::Snapshot,
+        doctor::{self, Check, Finding, Inputs, Severity},
+        mutate::{ObjectKind, mutate_in},
+        policy::Policy,
+    },
+    pki,
+};
+use serde_json::{Value, json};
+
+const NS: &str = "authentik";
+const OUTPOST: &str = "ak-outpost-authentik-embedded-outpost";
+const PASSWORD: &str = "correct-horse-battery-staple";
+const TOKEN: &str = "outpost-api-token-value";
+
+fn fixture(name: &str) -> Value {
+    common::fixture_objects()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap()
+        .1
+}
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// The cluster the mock apiserver serves.
+#[derive(Clone)]
+struct World {
+    registration: Option<Value>,
+    objects: Vec<Value>,
+    logs: BTreeMap<String, String>,
+    /// `verb resource` the apiserver refuses with 403.
+    forbidden: Vec<&'static str>,
+}
+
+impl World {
+    fn kind(&self, kind: &str) -> Vec<Value> {
+        self.objects
+            .iter()
+            .filter(|o| o["kind"] == kind)
+            .cloned()
+            .collect()
+    }
+
+    fn find_mut(&mut self, kind: &str, name: &str) -> &mut Value {
+        self.objects
+            .iter_mut()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap()
+    }
+
+    fn remove(&mut self, kind: &str, keep: impl Fn(&Value) -> bool) {
+        self.objects.retain(|o| o["kind"] != kind || keep(o));
+    }
+
+    /// What admission (the webhook's core) makes of `object`, seeing this world.
+    fn admit(&self, policy: &Policy, kind: ObjectKind, object: &Value) -> Value {
+        let view = Snapshot::of(&self.objects, NS);
+        let outcome = mutate_in(policy, &view, NS, kind, object);
+        let mut out = object.clone();
+        json_patch::patch(&mut out, &outcome.ops).unwrap();
+        out
+    }
+}
+
+fn registration(ca_days: u32) -> Value {
+    let ca = pki::Ca::new("outpost-webhook-ca", ca_days).unwrap();
+    let yaml = render(&Options::shipped(Some(ca.pem().into_bytes()))).unwrap();
+    serde_saphyr::from_str(&yaml).unwrap()
+}
+
+fn expected() -> Value {
+    let mut r = registration(365);
+    for w in r["webhooks"].as_array_mut().unwrap() {
+        w.as_object_mut().unwrap().remove("clientConfig");
+    }
+    r
+}
+
+fn pod(name: &str, labels: &Value, ready: bool, container: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": NS, "labels": labels},
+           "spec": {"containers": [{"name": container, "image": "x"}]},
+           "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" } }]}})
+}
+
+fn slice(namespace: &str, service: &str, ready: usize) -> Value {
+    let endpoints: Vec<Value> = (0..ready)
+        .map(|i| json!({"addresses": [format!("10.0.0.{i}")], "conditions": {"ready": true}}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("{service}-abcde"), "namespace": namespace,
+                        "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4", "endpoints": endpoints})
+}
+
+/// A standalone embedded outpost, as the webhook left it: its Service selects its two ready pods,
+/// its Deployment carries the policy, the registration is in place with a CA good for a year.
+fn healthy(policy: &Policy) -> World {
+    let secret = json!({"apiVersion": "v1", "kind": "Secret",
+    "metadata": {"name": "goauthentik", "namespace": NS},
+    "data": {
+        "AUTHENTIK_POSTGRESQL__HOST": b64("postgresql.dbaas"),
+        "AUTHENTIK_POSTGRESQL__PORT": b64("5432"),
+        "AUTHENTIK_POSTGRESQL__USER": b64("authentik"),
+        "AUTHENTIK_POSTGRESQL__PASSWORD": b64(PASSWORD),
+        "AUTHENTIK_POSTGRESQL__NAME": b64("authentik"),
+        "AUTHENTIK_SECRET_KEY": b64("unreferenced"),
+    }});
+    let api = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": OUTPOST, "namespace": NS},
+        "data": {"authentik_host": b64("https://authentik.example"),
+                 "authentik_host_browser": b64(""),
+                 "token": b64(TOKEN), "authentik_host_insecure": b64("false")}});
+    let deployment = fixture("embedded-proxy-deployment.create.json");
+    let service = fixture("embedded-proxy-service.create.json");
+    let server = fixture("unrelated-goauthentik-server-deployment.update.json");
+    let mut world = World {
+        registration: Some(registration(365)),
+        objects: vec![secret, api, deployment.clone(), server],
+        logs: BTreeMap::new(),
+        forbidden: Vec::new(),
+    };
+    let deployment = world.admit(policy, ObjectKind::Deployment, &deployment);
+    let service = world.admit(policy, ObjectKind::Service, &service);
+    let pod_labels = deployment["spec"]["template"]["metadata"]["labels"].clone();
+    *world.find_mut("Deployment", OUTPOST) = deployment;
+    world.objects.extend([
+        service,
+        pod(&format!("{OUTPOST}-7c9f-a"), &pod_labels, true, "proxy"),
+        pod(&format!("{OUTPOST}-7c9f-b"), &pod_labels, true, "proxy"),
+        pod(
+            "goauthentik-server-5d8f-a",
+            &json!({"app.kubernetes.io/name": "authentik", "app.kubernetes.io/component": "server"}),
+            true,
+            "server",
+        ),
+        slice(NS, OUTPOST, 2),
+        slice(NS, "goauthentik-server", 1),
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "outpost-webhook", "namespace": "outpost-webhook"},
+               "spec": {"selector": {"app.kubernetes.io/name": "outpost-webhook"}}}),
+        slice("outpost-webhook", "outpost-webhook", 2),
+    ]);
+    world
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn query(request: &Request<Body>) -> BTreeMap<String, String> {
+    request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k.to_owned(), percent_decode(v))
+        })
+        .collect()
+}
+
+fn matches_selector(object: &Value, selector: Option<&String>) -> bool {
+    selector.is_none_or(|s| {
+        s.split(',').all(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            object["metadata"]["labels"][k] == v
+        })
+    })
+}
+
+fn status(code: u16, reason: &str) -> (StatusCode, Value) {
+    (
+        StatusCode::from_u16(code).unwrap(),
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": format!("{reason} (from the mock apiserver)"), "reason": reason, "code": code}),
+    )
+}
+
+/// Answers one request from `world`, as the apiserver would.
+fn answer(world: &World, policy: &Policy, request: &Request<Body>) -> (StatusCode, Value) {
+    let path = request.uri().path().to_owned();
+    let q = query(request);
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // [api|apis, (group,) version, "namespaces", ns, resource, (name, (sub))]
+    let (resource_at, cluster_scoped) = match parts.as_slice() {
+        ["api", "v1", "namespaces", ..] => (4, false),
+        ["apis", _, "v1", "namespaces", ..] => (5, false),
+        ["apis", _, "v1", ..] => (3, true),
+        _ => return status(404, "NotFound"),
+    };
+    let resource = parts[resource_at];
+    let name = parts.get(resource_at + 1).copied();
+    let sub = parts.get(resource_at + 2).copied();
+    let namespace = if cluster_scoped {
+        ""
+    } else {
+        parts[resource_at - 1]
+    };
+    let verb = match (request.method(), name) {
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::PATCH, _) => "patch",
+        _ => "other",
+    };
+    let resource_name = if sub == Some("log") {
+        "pods/log"
+    } else {
+        resource
+    };
+    if world
+        .forbidden
+        .contains(&format!("{verb} {resource_name}").as_str())
+    {
+        return status(403, "Forbidden");
+    }
+    if resource == "mutatingwebhookconfigurations" {
+        return match &world.registration {
+            Some(r) if Some(r["metadata"]["name"].as_str().unwrap()) == name => {
+                (StatusCode::OK, r.clone())
+            }
+            _ => status(404, "NotFound"),
+        };
+    }
+    let kind = match resource {
+        "services" => "Service",
+        "deployments" => "Deployment",
+        "pods" => "Pod",
+        "endpointslices" => "EndpointSlice",
+        "secrets" => "Secret",
+        _ => return status(404, "NotFound"),
+    };
+    let in_ns: Vec<Value> = world
+        .kind(kind)
+        .into_iter()
+        .filter(|o| o["metadata"]["namespace"] == namespace)
+        .collect();
+    let Some(name) = name else {
+        let items: Vec<Value> = in_ns
+            .into_iter()
+            .filter(|o| matches_selector(o, q.get("labelSelector")))
+            .collect();
+        return (
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": format!("{kind}List"),
+                   "metadata": {"resourceVersion": "1"}, "items": items}),
+        );
+    };
+    let Some(object) = in_ns.into_iter().find(|o| o["metadata"]["name"] == name) else {
+        return status(404, "NotFound");
+    };
+    if sub == Some("log") {
+        return match world.logs.get(name) {
+            Some(text) => (StatusCode::OK, Value::String(text.clone())),
+            None => status(400, "BadRequest"),
+        };
+    }
+    if verb == "patch" {
+        assert_eq!(
+            q.get("dryRun").map(String::as_str),
+            Some("All"),
+            "doctor only dry-runs"
+        );
+        // The apiserver runs mutating admission on every write, a no-op PATCH included, when a
+        // registration routes the object to the webhook.
+        if world.registration.is_none() {
+            return (StatusCode::OK, object);
+        }
+        let kind = if kind == "Service" {
+            ObjectKind::Service
+        } else {
+            ObjectKind::Deployment
+        };
+        return (StatusCode::OK, world.admit(policy, kind, &object));
+    }
+    (StatusCode::OK, object)
+}
+
+/// Runs `gather` against `world` served by the mock; returns what it read and every request,
+/// as `METHOD path?query`.
+async fn read(world: World, logs: bool) -> (Result<Inputs, InspectError>, Vec<String>) {
+    let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(mock, "default");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    let policy = Policy::builtin().unwrap();
+    let server = tokio::spawn(async move {
+        // Bounded: doctor sends a few dozen requests for one outpost.
+        for _ in 0..200 {
+            let Some((request, send)) = handle.next_request().await else {
+                return;
+            };
+            log.lock().unwrap().push(format!(
+                "{} {}",
+                request.method(),
+                request.uri().path_and_query().unwrap()
+            ));
+            if request.method() == Method::PATCH {
+                assert_eq!(
+                    request.headers()["content-type"],
+                    "application/merge-patch+json"
+                );
+            }
+            let (code, body) = answer(&world, &policy, &request);
+            let bytes = match body {
+                Value::String(text) => text.into_bytes(),
+                other => serde_json::to_vec(&other).unwrap(),
+            };
+            send.send_response(
+                Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(Body::from(bytes))
+                    .unwrap(),
+            );
+        }
+        panic!("more than 200 requests");
+    });
+    let scope = Scope {
+        namespaces: vec![NS.into()],
+        registration: "outpost-webhook".into(),
+        secrets: Policy::builtin().unwrap().secret_names(),
+        logs,
+    };
+    let result = inspect::gather(&client, &scope).await;
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap();
+    let requests = seen.lock().unwrap().clone();
+    (result, requests)
+}
+
+/// `doctor`'s findings and exit code for `world`.
+async fn doctor(world: World) -> (Vec<Finding>, u8) {
+    doctor_with(world, false).await
+}
+
+async fn doctor_with(world: World, logs: bool) -> (Vec<Finding>, u8) {
+    let policy = Policy::builtin().unwrap();
+    let (inputs, _) = read(world, logs).await;
+    let mut inputs = inputs.unwrap();
+    inputs.expected = expected();
+    inputs.now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .try_into()
+        .unwrap();
+    let findings = doctor::check(&policy, &inputs);
+    let code = doctor::exit_code(&findings);
+    assert_no_secret_values(&findings);
+    (findings, code)
+}
+
+fn assert_no_secret_values(findings: &[Finding]) {
+    let text = doctor::render_text(findings);
+    let json = serde_json::to_string(&doctor::Report { findings }).unwrap();
+    for value in [PASSWORD, TOKEN] {
+        for form in [value.to_owned(), b64(value)] {
+            assert!(!text.contains(&form), "{form} in\n{text}");
+            assert!(!json.contains(&form), "{form} in {json}");
+        }
+    }
+}
+
+fn fails(findings: &[Finding]) -> Vec<(Check, String)> {
+    findings
+        .iter()
+        .filter(|f| f.severity == Severity::Fail)
+        .map(|f| (f.check, f.object.clone()))
+        .collect()
+}
+
+/// The first finding of `check`.
+fn finding(findings: &[Finding], check: Check) -> &Finding {
+    findings
+        .iter()
+        .find(|f| f.check == check)
+        .unwrap_or_else(|| panic!("no {check:?} in\n{}", report(findings)))
+}
+
+fn report(findings: &[Finding]) -> String {
+    doctor::render_text(findings)
+}
+
+#[tokio::test]
+async fn a_healthy_standalone_outpost_passes_every_check() {
+    let world = healthy(&Policy::builtin().unwrap());
+    let (findings, code) = doctor(world).await;
+    // `cargo test --test doctor -- --nocapture healthy` shows the report.
+    println!("{}", report(&findings));
+    assert_eq!(fails(&findings), [], "{}", report(&findings));
+    assert_eq!(code, 0);
+    let warns: Vec<_> = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Warn)
+        .collect();
+    assert!(warns.is_empty(), "{}", report(&findings));
+    // Every check that applies to this setup ran and passed.
+    for check in [
+        Check::RegistrationExists,
+        Check::RegistrationMatches,
+        Check::RegistrationCaBundle,
+        Check::RegistrationCaExpiry,
+        Check::RegistrationService,
+        Check::AdmissionDryRun,
+        Check::AdmissionConverged,
+        Check::ServiceSelector,
+        Check::ServiceEndpoints,
+        Check::DeploymentEnv,
+        Check::DeploymentSecretRefs,
+        Check::DeploymentReplicas,
+        Check::DeploymentChecksum,
+        Check::DeploymentVersion,
+    ] {
+        assert!(
+            findings
+                .iter()
+                .any(|f| f.check == check && f.severity == Severity::Ok),
+            "no ok {check:?} in\n{}",
+            report(&findings)
+        );
+    }
+}
+
+#[tokio::test]
+async fn doctor_sends_reads_and_dry_runs_only_and_exactly_these() {
+    let world = healthy(&Policy::builtin().unwrap());
+    let (result, requests) = read(world, false).await;
+    result.unwrap();
+    let svc = format!("/api/v1/namespaces/{NS}/services");
+    let deploy = format!("/apis/apps/v1/namespaces/{NS}/deployments");
+    assert_eq!(
+        requests,
+        [
+            "GET /apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/outpost-webhook"
+                .to_owned(),
+            "GET /api/v1/namespaces/outpost-webhook/services/outpost-webhook".into(),
+            "GET /apis/discovery.k8s.io/v1/namespaces/outpost-webhook/endpointslices?&labelSelector=kubernetes.io%2Fservice-name%3Doutpost-webhook".into(),
+            format!("GET {svc}?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dgoauthentik.io"),
+            format!("GET {deploy}?"),
+            format!("GET /api/v1/namespaces/{NS}/pods?"),
+            format!("GET /apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices?"),
+            format!("GET /api/v1/namespaces/{NS}/secrets/{OUTPOST}"),
+            format!("GET /api/v1/namespaces/{NS}/secrets/goauthentik"),
+            format!("PATCH {svc}/{OUTPOST}?&dryRun=All"),
+            format!("PATCH {deploy}/{OUTPOST}?&dryRun=All"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_outpost_pods_gone_is_a_failure_on_the_service() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    world.remove("Pod", |p| {
+        !p["metadata"]["name"].as_str().unwrap().starts_with(OUTPOST)
+    });
+    world.remove("EndpointSlice", |s| {
+        s["metadata"]["labels"]["kubernetes.io/service-name"] != OUTPOST
+    });
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 1);
+    assert_eq!(
+        fails(&findings),
+        [(Check::ServiceEndpoints, format!("Service/{NS}/{OUTPOST}"))],
+        "{}",
+        report(&findings)
+    );
+}
+
+#[tokio::test]
+async fn an_env_var_removed_past_the_webhook_is_a_failure_on_the_deployment() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    let env =
+        world.find_mut("Deployment", OUTPOST)["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array_mut()
+            .unwrap();
+    env.retain(|e| e["name"] != "AUTHENTIK_POSTGRESQL__PASSWORD");
+    let (findings, code) = doctor(world).await;
+    println!("{}", report(&findings));
+    assert_eq!(code, 1);
+    let object = format!("Deployment/{NS}/{OUTPOST}");
+    assert_eq!(
+        fails(&findings),
+        [
+            (Check::AdmissionConverged, object.clone()),
+            (Check::DeploymentEnv, object)
+        ],
+        "{}",
+        report(&findings)
+    );
+    let env = finding(&findings, Check::DeploymentEnv);
+    assert!(
+        env.message
+            .contains("missing AUTHENTIK_POSTGRESQL__PASSWORD")
+    );
+    assert!(env.message.contains("rollout restart deployment/"));
+}
+
+#[tokio::test]
+async fn a_deleted_secret_key_is_a_failure_naming_the_key_not_its_value() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    world.find_mut("Secret", "goauthentik")["data"]
+        .as_object_mut()
+        .unwrap()
+        .remove("AUTHENTIK_POSTGRESQL__PASSWORD");
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 1);
+    assert_eq!(
+        fails(&findings),
+        [(
+            Check::DeploymentSecretRefs,
+            format!("Deployment/{NS}/{OUTPOST}")
+        )],
+        "{}",
+        report(&findings)
+    );
+    let f = finding(&findings, Check::DeploymentSecretRefs);
+    assert!(
+        f.message
+            .contains("Secret goauthentik has no key AUTHENTIK_POSTGRESQL__PASSWORD"),
+        "{}",
+        f.message
+    );
+    // The pods still run the old data: the checksum says so.
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.check == Check::DeploymentChecksum && f.severity == Severity::Warn)
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_registration_is_a_failure() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    world.registration = None;
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 1);
+    assert_eq!(
+        fails(&findings),
+        [(
+            Check::RegistrationExists,
+            "MutatingWebhookConfiguration/outpost-webhook".to_owned()
+        )],
+        "{}",
+        report(&findings)
+    );
+}
+
+#[tokio::test]
+async fn a_ca_expiring_in_ten_days_is_a_warning_and_exits_zero() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    world.registration = Some(registration(10));
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 0, "{}", report(&findings));
+    let expiry = finding(&findings, Check::RegistrationCaExpiry);
+    assert_eq!(expiry.severity, Severity::Warn);
+    assert!(
+        expiry.message.contains("expires in 9 day") || expiry.message.contains("expires in 10 day"),
+        "{}",
+        expiry.message
+    );
+}
+
+#[tokio::test]
+async fn a_private_key_in_the_ca_bundle_is_a_failure() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    let g = pki::generate(&["outpost-webhook.outpost-webhook.svc".into()], 30).unwrap();
+    world.registration.as_mut().unwrap()["webhooks"][0]["clientConfig"]["caBundle"] =
+        json!(b64(&format!("{}{}", g.ca_pem, g.key_pem)));
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 1);
+    let f = finding(&findings, Check::RegistrationCaBundle);
+    assert_eq!(f.severity, Severity::Fail);
+    assert!(f.message.contains("PRIVATE KEY"), "{}", f.message);
+    assert!(!report(&findings).contains("BEGIN"));
+}
+
+#[tokio::test]
+async fn the_union_selector_and_server_pods_beside_a_standalone_deployment_fail() {
+    let policy = Policy::builtin().unwrap();
+    // The controller's PATCH merged its pair into the fixed selector: 6 keys.
+    let mut world = healthy(&policy);
+    let selector = &mut world.find_mut("Service", OUTPOST)["spec"]["selector"];
+    selector["app.kubernetes.io/name"] = json!("authentik");
+    selector["app.kubernetes.io/component"] = json!("server");
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 1);
+    let f = finding(&findings, Check::ServiceSelector);
+    assert_eq!(f.severity, Severity::Fail);
+    assert!(f.message.contains("6-key union"), "{}", f.message);
+
+    // The controller's own selector, while a standalone Deployment runs the outpost.
+    let mut world = healthy(&policy);
+    world.find_mut("Service", OUTPOST)["spec"]["selector"] =
+        json!({"app.kubernetes.io/name": "authentik", "app.kubernetes.io/component": "server"});
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 1);
+    let f = finding(&findings, Check::ServiceSelector);
+    assert_eq!(f.severity, Severity::Fail, "{}", report(&findings));
+    assert!(
+        f.message.contains("server pods while Deployment"),
+        "{}",
+        f.message
+    );
+}
+
+#[tokio::test]
+async fn a_default_install_with_the_embedded_outpost_in_the_server_passes() {
+    // No outpost Deployment: the Service selects the server pods, and that is right.
+    let policy = Policy::builtin().unwrap();
+    let mut world = healthy(&policy);
+    world.remove("Deployment", |d| d["metadata"]["name"] != OUTPOST);
+    world.remove("Pod", |p| {
+        !p["metadata"]["name"].as_str().unwrap().starts_with(OUTPOST)
+    });
+    world.find_mut("Service", OUTPOST)["spec"]["selector"] =
+        json!({"app.kubernetes.io/name": "authentik", "app.kubernetes.io/component": "server"});
+    world.find_mut("Service", OUTPOST)["metadata"]["annotations"] = json!({});
+    world.remove("EndpointSlice", |s| {
+        s["metadata"]["labels"]["kubernetes.io/service-name"] != OUTPOST
+    });
+    world.objects.push(slice(NS, OUTPOST, 1));
+    let (findings, code) = doctor(world).await;
+    assert_eq!(fails(&findings), [], "{}", report(&findings));
+    assert_eq!(code, 0);
+}
+
+#[tokio::test]
+async fn version_drift_from_the_server_is_a_warning_naming_both() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    world.find_mut("Deployment", "goauthentik-server")["spec"]["template"]["spec"]["containers"]
+        [0]["image"] = json!("ghcr.io/goauthentik/server:2026.5.1");
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 0);
+    let f = finding(&findings, Check::DeploymentVersion);
+    assert_eq!(f.severity, Severity::Warn);
+    assert!(f.message.contains("2026.2.4") && f.message.contains("2026.5.1"));
+}
+
+#[tokio::test]
+async fn logs_report_the_session_backend_and_warn_on_filesystem() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    let mode = r#"{"embedded":true,"event":"Outpost mode","level":"info"}"#;
+    world.logs.insert(
+        format!("{OUTPOST}-7c9f-a"),
+        format!("{mode}\n{{\"event\":\"using PostgreSQL session backend\",\"level\":\"info\"}}\n"),
+    );
+    world.logs.insert(
+        format!("{OUTPOST}-7c9f-b"),
+        format!("{mode}\nnot json\n{{\"event\":\"using filesystem session backend\"}}\n"),
+    );
+    let (findings, code) = doctor_with(world, true).await;
+    assert_eq!(code, 0);
+    let backends: Vec<(Severity, &str)> = findings
+        .iter()
+        .filter(|f| f.check == Check::PodSessionBackend)
+        .map(|f| (f.severity, f.object.as_str()))
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            (Severity::Ok, format!("Pod/{NS}/{OUTPOST}-7c9f-a").as_str()),
+            (
+                Severity::Warn,
+                format!("Pod/{NS}/{OUTPOST}-7c9f-b").as_str()
+            )
+        ]
+    );
+    assert_eq!(
+        findings
+            .iter()
+            .filter(|f| f.check == Check::PodOutpostMode)
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_refused_read_names_the_verb_and_resource() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    world.forbidden.push("list pods");
+    let (result, _) = read(world, false).await;
+    let e = result.unwrap_err();
+    assert!(matches!(
+        e,
+        InspectError::Forbidden {
+            verb: "list",
+            resource: "pods",
+            ..
+        }
+    ));
+    assert!(
+        e.to_string().contains("`list pods` in namespace authentik"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_webhook_that_refuses_is_a_dry_run_failure() {
+    let world = healthy(&Policy::builtin().unwrap());
+    let policy = Policy::builtin().unwrap();
+    let (inputs, _) = read(world, false).await;
+    let mut inputs = inputs.unwrap();
+    let key = (ObjectKind::Service, NS.to_owned(), OUTPOST.to_owned());
+    // The apiserver's answer when the webhook cannot be called and failurePolicy is Fail.
+    inputs.dry_runs.insert(
+        key,
+        Err(
+            "Internal error occurred: failed calling webhook \"outposts.outpost-webhook.io\""
+                .into(),
+        ),
+    );
+    inputs.expected = expected();
+    let findings = doctor::check(&policy, &inputs);
+    assert!(
+        fails(&findings).contains(&(Check::AdmissionDryRun, format!("Service/{NS}/{OUTPOST}")))
+    );
+}
+
+// ---- The binary against an apiserver that is not there ---------------------------------------
+
+fn kubeconfig(dir: &std::path::Path, server: &str) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    \
+             insecure-skip-tls-verify: true\nusers:\n- name: u\n  user:\n    token: t\ncontexts:\n\
+             - name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Runs `doctor` with `kubeconfig`; its exit code and standard error, waiting at most 15 s.
+fn run_doctor(kubeconfig: &std::path::Path) -> (Option<i32>, String, Duration) {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost-webhook"))
+        .arg("doctor")
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            child.kill().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (code, stderr, started.elapsed())
+}
+
+#[test]
+fn an_apiserver_that_refuses_connections_exits_2_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (code, stderr, _) = run_doctor(&kubeconfig(
+        dir.path(),
+        &format!("https://127.0.0.1:{port}"),
+    ));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot reach the apiserver"), "{stderr}");
+}
+
+#[test]
+fn an_apiserver_that_never_answers_exits_2_with_one_line() {
+    // Accepts the connection and says nothing: the TLS handshake never completes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr, elapsed) = run_doctor(&kubeconfig(dir.path(), &format!("https://{addr}")));
+    assert_eq!(code, Some(2), "{stderr} after {elapsed:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot reach the apiserver"), "{stderr}");
+    drop(held);
+}
+
+#[test]
+fn no_kubeconfig_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr, _) = run_doctor(&dir.path().join("missing"));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no Kubernetes configuration"), "{stderr}");
+}
