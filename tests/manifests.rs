@@ -1,29 +1,42 @@
 //! `deploy/` as a cluster would receive it: every kustomization rendered with
 //! `kubectl kustomize`, every document read into its k8s-openapi type with unknown fields refused,
 //! and the invariants that keep the webhook safe checked, including the registration's CEL
-//! `matchConditions`, evaluated against the fixtures.
+//! `matchConditions`, evaluated against the fixtures, and RBAC that is exactly what the cluster
+//! view uses.
 
 // A failing test should panic with the value that failed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod common;
 
-use std::{collections::BTreeMap, path::Path, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    process::Command,
+};
 
+use clap::{CommandFactory as _, Parser as _};
 use k8s_openapi::{
     api::{
         admissionregistration::v1::MutatingWebhookConfiguration,
         apps::v1::Deployment,
         core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
+        networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
+        rbac::v1::{Role, RoleBinding},
     },
-    apimachinery::pkg::apis::meta::v1::LabelSelector,
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 use outpost_webhook::{
-    cmd::webhook_config::{self, Options, Target},
+    cluster::LEASE_NAME,
+    cmd::{
+        Cli,
+        serve::ServeArgs,
+        webhook_config::{self, Options, Target},
+    },
     core::{
         admission::{DEFAULT_HEALTH_PORT, DEFAULT_PORT, MUTATE_PATH, TIMEOUT_SECONDS},
-        policy::unknown_field,
+        policy::{DEFAULT_POLICY_YAML, Outpost, Policy, unknown_field},
     },
     pki::service_dns_names,
 };
@@ -78,6 +91,10 @@ fn check_types(docs: &[Value]) {
             "Service" => drop(typed::<Service>(doc)),
             "Deployment" => drop(typed::<Deployment>(doc)),
             "PodDisruptionBudget" => drop(typed::<PodDisruptionBudget>(doc)),
+            "NetworkPolicy" => drop(typed::<NetworkPolicy>(doc)),
+            // Nothing cluster-wide: ClusterRole and ClusterRoleBinding are unexpected kinds.
+            "Role" => drop(typed::<Role>(doc)),
+            "RoleBinding" => drop(typed::<RoleBinding>(doc)),
             "MutatingWebhookConfiguration" => drop(typed::<MutatingWebhookConfiguration>(doc)),
             "Issuer" | "Certificate" => check_cert_manager(doc),
             other => panic!("unexpected kind {other}"),
@@ -123,6 +140,12 @@ fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool 
         .is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
+/// The labels of the webhook's pods.
+fn pod_labels(docs: &[Value]) -> BTreeMap<String, String> {
+    let d: Deployment = typed(one(docs, "Deployment"));
+    d.spec.template.metadata.unwrap().labels.unwrap()
+}
+
 fn arg<'a>(args: &'a [String], flag: &str) -> &'a str {
     args.iter()
         .find_map(|a| a.strip_prefix(&format!("{flag}=")))
@@ -138,20 +161,61 @@ fn seconds(go_duration: &str) -> i64 {
     .unwrap()
 }
 
+/// The overlays a cluster applies: base alone has no certificate and no watched-namespace RBAC.
+const OVERLAYS: [&str; 2] = ["cert-manager", "plain"];
+
+/// Every directory of `deploy/` that holds a kustomization.
+fn kustomizations() -> Vec<String> {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut dirs: Vec<String> = std::fs::read_dir(deploy)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("kustomization.yaml").is_file())
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// The Deployment's `serve` flags as the binary parses them (which also proves them valid).
+fn serve_args(docs: &[Value]) -> ServeArgs {
+    let d: Deployment = typed(one(docs, "Deployment"));
+    let args = d.spec.template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    let cli = Cli::try_parse_from(std::iter::once("outpost-webhook".to_owned()).chain(args))
+        .unwrap_or_else(|e| panic!("the Deployment's args: {e}"));
+    match cli.command {
+        outpost_webhook::cmd::Command::Serve(serve) => *serve,
+        other => panic!("not serve: {other:?}"),
+    }
+}
+
 #[test]
 fn every_kustomization_renders_into_known_types() {
-    for overlay in ["base", "cert-manager", "plain"] {
-        let docs = render(overlay);
-        assert!(docs.len() >= 6, "{overlay}");
+    let dirs = kustomizations();
+    assert_eq!(dirs, ["base", "cert-manager", "plain", "watch"]);
+    let watched = serve_args(&render("base")).watch_namespaces;
+    for dir in &dirs {
+        let docs = render(dir);
+        assert!(docs.len() >= 2, "{dir}");
         check_types(&docs);
         for doc in &docs {
-            if doc["kind"] != "Namespace" && doc["kind"] != "MutatingWebhookConfiguration" {
-                assert_eq!(
-                    doc["metadata"]["namespace"], "outpost-webhook",
-                    "{overlay} {}",
-                    doc["kind"]
-                );
+            if doc["kind"] == "Namespace" || doc["kind"] == "MutatingWebhookConfiguration" {
+                continue;
             }
+            let ns = doc["metadata"]["namespace"].as_str().unwrap();
+            // Only the watched namespaces' Role and RoleBinding live outside the webhook's own.
+            let watch_rbac = (doc["kind"] == "Role" || doc["kind"] == "RoleBinding")
+                && doc["metadata"]["name"] == "outpost-webhook"
+                && watched.iter().any(|w| w == ns);
+            assert!(
+                ns == "outpost-webhook" || watch_rbac,
+                "{dir} {} {} in {ns}",
+                doc["kind"],
+                doc["metadata"]["name"]
+            );
         }
     }
 }
@@ -182,7 +246,6 @@ fn the_deployment_is_available_hardened_and_drains_as_the_code_expects() {
     let psc = pod.security_context.unwrap();
     assert_eq!(psc.run_as_non_root, Some(true));
     assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
-    assert_eq!(pod.automount_service_account_token, Some(false));
 
     let c = &pod.containers[0];
     let sc = c.security_context.clone().unwrap();
@@ -269,6 +332,45 @@ fn the_deployment_is_available_hardened_and_drains_as_the_code_expects() {
 }
 
 #[test]
+fn the_pod_has_the_token_and_lease_identity_the_cluster_view_needs() {
+    let docs = render("base");
+    let d: Deployment = typed(one(&docs, "Deployment"));
+    let pod = d.spec.template.spec.unwrap();
+    // The token is mounted for the cluster view, in this pod only: the account does not automount.
+    assert_eq!(pod.automount_service_account_token, Some(true));
+    let sa: ServiceAccount = typed(one(&docs, "ServiceAccount"));
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+    assert_eq!(sa.automount_service_account_token, Some(false));
+
+    // The Lease identity ($POD_NAME) and namespace (--lease-namespace's env) from the downward API.
+    let serve = Cli::command().find_subcommand("serve").unwrap().clone();
+    let lease_env = serve
+        .get_arguments()
+        .find(|a| a.get_long() == Some("lease-namespace"))
+        .unwrap()
+        .get_env()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let c = &pod.containers[0];
+    let env = c.env.clone().unwrap();
+    let field = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("env {name} missing"))
+            .value_from
+            .clone()
+            .unwrap()
+            .field_ref
+            .unwrap()
+            .field_path
+    };
+    assert_eq!(field("POD_NAME"), "metadata.name");
+    assert_eq!(field(&lease_env), "metadata.namespace");
+}
+
+#[test]
 fn the_service_and_budget_select_the_webhook_pods() {
     let docs = render("base");
     let d: Deployment = typed(one(&docs, "Deployment"));
@@ -281,13 +383,20 @@ fn the_service_and_budget_select_the_webhook_pods() {
             .iter()
             .all(|(k, v)| pod_labels.get(k) == Some(v))
     );
-    let https = spec
+    // Admission only: health and metrics are scraped from the pods, not the Service.
+    let ports = spec.ports.unwrap();
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports[0].port, 443);
+    assert_eq!(ports[0].protocol.as_deref(), Some("TCP"));
+    let container = &d.spec.template.spec.unwrap().containers[0];
+    let target = container
         .ports
+        .as_ref()
         .unwrap()
-        .into_iter()
-        .find(|p| p.name.as_deref() == Some("https"))
+        .iter()
+        .find(|p| ports[0].target_port == Some(IntOrString::String(p.name.clone().unwrap())))
         .unwrap();
-    assert_eq!(https.port, 443);
+    assert_eq!(target.container_port, i32::from(DEFAULT_PORT));
     let pdb: PodDisruptionBudget = typed(one(&docs, "PodDisruptionBudget"));
     let pdb = pdb.spec.unwrap();
     assert!(matches(&pdb.selector.unwrap(), &pod_labels));
@@ -375,6 +484,246 @@ fn the_registration_is_safe_and_agrees_with_the_code() {
 
 /// A rule as (operations, apiGroups, apiVersions, resources).
 type Rule = (Vec<String>, Vec<String>, Vec<String>, Vec<String>);
+
+/// One permission: (apiGroup, resource, resourceName or none for any, verb).
+type Grant = (String, String, Option<String>, String);
+
+/// A Role's rules as single permissions, so that two Roles compare whatever their layout.
+fn grants(role: &Role) -> BTreeSet<Grant> {
+    let mut out = BTreeSet::new();
+    for rule in role.rules.clone().unwrap() {
+        assert!(rule.non_resource_urls.is_none());
+        let names: Vec<Option<String>> = match rule.resource_names {
+            Some(names) => names.into_iter().map(Some).collect(),
+            None => vec![None],
+        };
+        for group in rule.api_groups.unwrap() {
+            for resource in rule.resources.clone().unwrap() {
+                for name in &names {
+                    for verb in &rule.verbs {
+                        out.insert((group.clone(), resource.clone(), name.clone(), verb.clone()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn grant(group: &str, resource: &str, name: Option<&str>, verbs: &[&str]) -> BTreeSet<Grant> {
+    verbs
+        .iter()
+        .map(|v| {
+            (
+                group.to_owned(),
+                resource.to_owned(),
+                name.map(str::to_owned),
+                (*v).to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn in_namespace<'a>(docs: &'a [Value], kind: &str, ns: &str) -> Vec<&'a Value> {
+    docs.iter()
+        .filter(|d| d["kind"] == kind && d["metadata"]["namespace"] == ns)
+        .collect()
+}
+
+/// The binding in `ns` gives Role `role` to the webhook's `ServiceAccount` and no one else.
+fn assert_bound(docs: &[Value], ns: &str, role: &str) {
+    let sa = one(docs, "ServiceAccount");
+    let bindings = in_namespace(docs, "RoleBinding", ns);
+    assert_eq!(bindings.len(), 1, "one RoleBinding in {ns}");
+    let binding: RoleBinding = typed(bindings[0]);
+    assert_eq!(binding.role_ref.kind, "Role", "{ns}: never a ClusterRole");
+    assert_eq!(binding.role_ref.name, role);
+    let subjects: Vec<(String, String, Option<String>)> = binding
+        .subjects
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.kind, s.name, s.namespace))
+        .collect();
+    assert_eq!(
+        subjects,
+        [(
+            "ServiceAccount".to_owned(),
+            sa["metadata"]["name"].as_str().unwrap().to_owned(),
+            Some(sa["metadata"]["namespace"].as_str().unwrap().to_owned()),
+        )],
+        "{ns}"
+    );
+}
+
+#[test]
+fn the_rbac_is_namespaced_and_exactly_what_the_cluster_view_uses() {
+    let base = render("base");
+    let registration = one(&base, "MutatingWebhookConfiguration");
+    for overlay in OVERLAYS {
+        let docs = render(overlay);
+        for doc in &docs {
+            let kind = doc["kind"].as_str().unwrap();
+            assert!(!kind.starts_with("Cluster"), "{overlay}: {kind}");
+        }
+        let serve = serve_args(&docs);
+        let policy_text = one(&docs, "ConfigMap")["data"]["policy.yaml"]
+            .as_str()
+            .unwrap();
+        let secrets = Policy::from_yaml("ConfigMap", policy_text)
+            .unwrap()
+            .secret_names();
+        assert!(!secrets.is_empty());
+        // deploy/plain leaves the registration to webhook-config, which renders base's.
+        let selector: LabelSelector =
+            serde_json::from_value(registration["webhooks"][0]["namespaceSelector"].clone())
+                .unwrap();
+
+        // Each watched namespace: the cache's list and watch (get besides), the reconciler's
+        // patch, and the policy's Secrets by name; no create, update, delete, nor other Secrets.
+        let mut wanted = BTreeSet::new();
+        for resource in [("", "services"), ("apps", "deployments")] {
+            wanted.extend(grant(
+                resource.0,
+                resource.1,
+                None,
+                &["get", "list", "watch", "patch"],
+            ));
+        }
+        for name in &secrets {
+            wanted.extend(grant("", "secrets", Some(name), &["get", "list", "watch"]));
+        }
+        for ns in &serve.watch_namespaces {
+            let roles = in_namespace(&docs, "Role", ns);
+            assert_eq!(roles.len(), 1, "{overlay}: one Role in {ns}");
+            let role: Role = typed(roles[0]);
+            assert_eq!(grants(&role), wanted, "{overlay} {ns}");
+            assert_bound(&docs, ns, role.metadata.name.as_deref().unwrap());
+            let labels: BTreeMap<String, String> =
+                [("kubernetes.io/metadata.name".to_owned(), ns.clone())].into();
+            assert!(matches(&selector, &labels), "the registration covers {ns}");
+        }
+
+        // The Lease, in the namespace the pods run in (--lease-namespace from POD_NAMESPACE):
+        // what kube-lease-manager calls, get and patch on the one name, and create, which RBAC
+        // cannot limit by name.
+        let own = one(&docs, "Deployment")["metadata"]["namespace"]
+            .as_str()
+            .unwrap();
+        assert!(!serve.watch_namespaces.iter().any(|w| w == own));
+        let roles = in_namespace(&docs, "Role", own);
+        assert_eq!(roles.len(), 1, "{overlay}: one Role in {own}");
+        let role: Role = typed(roles[0]);
+        let mut lease = grant(
+            "coordination.k8s.io",
+            "leases",
+            Some(LEASE_NAME),
+            &["get", "patch"],
+        );
+        lease.extend(grant("coordination.k8s.io", "leases", None, &["create"]));
+        assert_eq!(grants(&role), lease, "{overlay}");
+        assert_bound(&docs, own, role.metadata.name.as_deref().unwrap());
+
+        // And nothing else.
+        let namespaces = serve.watch_namespaces.len() + 1;
+        assert_eq!(
+            docs.iter().filter(|d| d["kind"] == "Role").count(),
+            namespaces
+        );
+        assert_eq!(
+            docs.iter().filter(|d| d["kind"] == "RoleBinding").count(),
+            namespaces
+        );
+    }
+}
+
+#[test]
+fn the_shipped_policy_is_the_built_in_one() {
+    let docs = render("base");
+    let text = one(&docs, "ConfigMap")["data"]["policy.yaml"]
+        .as_str()
+        .unwrap();
+    // The same YAML data, comments and layout aside.
+    let shipped: Value = serde_saphyr::from_str(text).unwrap();
+    let builtin: Value = serde_saphyr::from_str(DEFAULT_POLICY_YAML).unwrap();
+    assert_eq!(shipped, builtin);
+    // So it compiles to the same policy: the same Secrets, the same fix for every outpost.
+    let shipped = Policy::from_yaml("ConfigMap", text).unwrap();
+    let builtin = Policy::builtin().unwrap();
+    assert_eq!(shipped.rule_count(), builtin.rule_count());
+    assert_eq!(shipped.secret_names(), builtin.secret_names());
+    let objects = common::fixture_objects();
+    for (name, object) in &objects {
+        let labels = &object["metadata"]["labels"];
+        let label = |k: &str| labels[k].as_str().unwrap_or("");
+        let outpost = Outpost {
+            name: label("goauthentik.io/outpost-name"),
+            kind: label("goauthentik.io/outpost-type"),
+            uuid: label("goauthentik.io/outpost-uuid"),
+        };
+        assert_eq!(
+            shipped.for_outpost(&outpost),
+            builtin.for_outpost(&outpost),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn the_network_policy_admits_only_the_webhook_and_health_ports_and_reaches_the_apiserver_and_dns() {
+    let docs = render("base");
+    let np: NetworkPolicy = typed(one(&docs, "NetworkPolicy"));
+    let spec = np.spec.unwrap();
+    assert!(matches(&spec.pod_selector.unwrap(), &pod_labels(&docs)));
+    assert_eq!(
+        spec.policy_types.unwrap(),
+        ["Ingress".to_owned(), "Egress".to_owned()]
+    );
+    let ports = |rules: Vec<Vec<k8s_openapi::api::networking::v1::NetworkPolicyPort>>| {
+        let mut out = BTreeSet::new();
+        for rule in rules {
+            // A rule without ports would open every port.
+            assert!(!rule.is_empty());
+            for p in rule {
+                assert!(p.end_port.is_none());
+                let Some(IntOrString::Int(port)) = p.port else {
+                    panic!("a numeric port: {p:?}")
+                };
+                out.insert((port, p.protocol.unwrap()));
+            }
+        }
+        out
+    };
+    let tcp = |port: i32| (port, "TCP".to_owned());
+
+    // From anywhere (the apiserver's address is not knowable), to admission and health only.
+    let ingress = spec.ingress.unwrap();
+    assert!(ingress.iter().all(|r| r.from.is_none()));
+    let ingress = ports(ingress.into_iter().map(|r| r.ports.unwrap()).collect());
+    assert_eq!(
+        ingress,
+        [
+            tcp(i32::from(DEFAULT_PORT)),
+            tcp(i32::from(DEFAULT_HEALTH_PORT))
+        ]
+        .into()
+    );
+
+    // To the apiserver's usual ports and DNS, nothing else.
+    let egress = spec.egress.unwrap();
+    assert!(egress.iter().all(|r| r.to.is_none()));
+    let egress = ports(egress.into_iter().map(|r| r.ports.unwrap()).collect());
+    assert_eq!(
+        egress,
+        [
+            tcp(443),
+            tcp(6443),
+            tcp(8443),
+            tcp(53),
+            (53, "UDP".to_owned())
+        ]
+        .into()
+    );
+}
 
 /// Evaluates each `matchConditions` expression with `object` bound, as the apiserver does.
 fn conditions_hold(w: &Value, object: &Value) -> bool {
