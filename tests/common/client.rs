@@ -45,6 +45,9 @@ pub fn client_config(
             .unwrap(),
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // The apiserver's Go client keeps no TLS session cache, so every new connection verifies the
+    // certificate served now. A resumed session would skip that and hide a certificate change.
+    config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
 }
 
