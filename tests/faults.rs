@@ -262,6 +262,7 @@ fn two_thousand_connections_at_once_are_served_or_refused_cleanly() {
             !metrics.contains("outpost_webhook_connections_refused_total 0\n"),
             "{metrics}"
         );
+        assert_no_panics(served.health, Some(&mut served.child)).await;
     });
     assert!(
         served.child.try_wait().unwrap().is_none(),
@@ -407,6 +408,7 @@ fn bodies_of_every_size_and_shape_get_a_clear_answer_and_memory_stays_bounded() 
 
         let mut client = Http1::connect(addr, &ca).await;
         assert_eq!(client.review(&review).await.0, 200);
+        assert_no_panics(health, Some(&mut served.child)).await;
     });
     // Nothing near 64 MiB was held: the 3 MiB body and its parse are the peak.
     let status = std::fs::read_to_string(format!("/proc/{}/status", served.child.id())).unwrap();
@@ -536,15 +538,44 @@ fn whole(bytes: bytes::Bytes) -> common::ChannelBody {
     common::ChannelBody(rx)
 }
 
-/// `outpost_webhook_connections_open`, read from `/metrics`.
-async fn connections_open(health: std::net::SocketAddr) -> i64 {
+/// A metric of one series (`outpost_webhook_connections_open`), read from `/metrics`.
+async fn metric(health: std::net::SocketAddr, name: &str) -> i64 {
     let (_, metrics) = health_get(health, "/metrics").await;
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("outpost_webhook_connections_open "))
-        .unwrap()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
         .parse()
         .unwrap()
+}
+
+async fn connections_open(health: std::net::SocketAddr) -> i64 {
+    metric(health, "outpost_webhook_connections_open").await
+}
+
+/// Waits, for at most 10 s, until `connections_open` is `open`: the connections closed on the
+/// client's side are no longer counted.
+async fn connections_open_comes_to(health: std::net::SocketAddr, open: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = connections_open(health).await;
+        if now == open {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connections_open is {now} with {open} connections open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// After hostile input: nothing panicked, and the server process (when it is one) still runs.
+async fn assert_no_panics(health: std::net::SocketAddr, child: Option<&mut std::process::Child>) {
+    assert_eq!(metric(health, "outpost_webhook_panics_total").await, 0);
+    if let Some(child) = child {
+        assert!(child.try_wait().unwrap().is_none(), "the server died");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,6 +660,7 @@ async fn hostile_timeouts_are_answered_and_connections_open_does_not_drift() {
         apply_answer(&review, &answer);
         client.task.abort();
     }
+    assert_no_panics(health, None).await;
     // With three connections held open, the gauge comes back to three: none of the closed ones
     // is still counted.
     let mut held = Vec::new();
@@ -637,18 +669,81 @@ async fn hostile_timeouts_are_answered_and_connections_open_does_not_drift() {
         assert_eq!(client.review(&review).await.0, 200);
         held.push(client);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let open = connections_open(health).await;
-        if open == 3 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "connections_open is {open} with 3 connections open"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    connections_open_comes_to(health, 3).await;
+}
+
+async fn a_buggy_handler() -> &'static str {
+    panic!("a bug in a handler")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_panics_is_answered_500_and_counted_and_its_connection_serves_on() {
+    let _serial = one_at_a_time();
+    let dir = temp_dir("panic");
+    let g = common::certs();
+    common::write_secret_volume(dir.path(), 1, &g.cert_pem, &g.key_pem);
+    let config = outpost_webhook::serve::Config {
+        settings: common::settings(),
+        certs: outpost_webhook::serve::CertSource::Files {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+        },
+        client_ca: None,
+        policy: None,
+        limits: common::limits(),
+        cluster: outpost_webhook::cluster::Settings::off(),
+    };
+    let (app, tls) = outpost_webhook::serve::prepare(&config).unwrap();
+    // The real stack (TLS, HTTP/1 and HTTP/2, the connection limits) around a handler with a bug.
+    let router = axum::Router::new()
+        .route("/mutate", axum::routing::post(a_buggy_handler))
+        .route("/ok", axum::routing::get(|| async { "ok" }));
+    let running = outpost_webhook::serve::start_with(config.settings, app, tls, router)
+        .await
+        .unwrap();
+    let (addr, health) = (running.addr, running.health_addr);
+    let post = || {
+        hyper::Request::post("/mutate?timeout=10s")
+            .header("host", common::SERVER_NAME)
+            .header("content-type", "application/json")
+    };
+    let get_ok = || hyper::Request::get("/ok").header("host", common::SERVER_NAME);
+
+    // Each response is read whole (or dropped) at once: an unread HTTP/2 response keeps its
+    // connection open.
+    let mut h1 = Http1::connect(addr, &g.ca_pem).await;
+    let empty = || http_body_util::Full::default();
+    let resp = h1.send(post().body(empty()).unwrap()).await.unwrap();
+    let (status, body) = common::read_json(resp).await;
+    assert_eq!((status, body["code"].as_u64()), (500, Some(500)), "{body}");
+    let status = h1
+        .send(get_ok().body(empty()).unwrap())
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(
+        status, 200,
+        "the HTTP/1 connection did not survive the panic"
+    );
+
+    let (mut h2, h2_task) = h2_connect(addr, &g.ca_pem).await;
+    let resp = h2.send_request(post().body(whole("{}".into())).unwrap());
+    let (status, body) = common::read_json(resp.await.unwrap()).await;
+    assert_eq!((status, body["code"].as_u64()), (500, Some(500)), "{body}");
+    let resp = h2.send_request(get_ok().body(whole("".into())).unwrap());
+    let status = resp.await.unwrap().status();
+    assert_eq!(
+        status, 200,
+        "the HTTP/2 connection did not survive the panic"
+    );
+
+    assert_eq!(metric(health, "outpost_webhook_panics_total").await, 2);
+    assert_eq!(connections_open(health).await, 2);
+    // The clients hang up; the count comes back to 0.
+    h1.task.abort();
+    drop(h2);
+    h2_task.abort();
+    connections_open_comes_to(health, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -794,6 +889,7 @@ fn many_http2_streams_of_large_bodies_stay_within_the_documented_memory_bound() 
                 other => panic!("answered {other}"),
             }
         }
+        assert_no_panics(served.health, Some(&mut served.child)).await;
         (ok, overloaded)
     });
     assert!(ok >= 4, "{ok} answered, {overloaded} overloaded");

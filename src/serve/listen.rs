@@ -5,6 +5,7 @@
 
 use std::{
     net::SocketAddr,
+    panic::AssertUnwindSafe,
     pin::Pin,
     sync::{
         Arc,
@@ -13,7 +14,8 @@ use std::{
     time::Duration,
 };
 
-use axum::Router;
+use axum::{Router, http::StatusCode, response::IntoResponse as _};
+use futures::FutureExt as _;
 use hyper::{Request, body::Incoming};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -273,38 +275,38 @@ async fn accept_loop(
         let router = router.clone();
         let stop = stop.clone();
         let settings = settings.clone();
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                let tls =
-                    match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            app.metrics.tls_handshake_failed();
-                            debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            app.metrics.tls_handshake_failed();
-                            debug!("TLS handshake timed out");
-                            return;
-                        }
-                    };
-                let _open = OpenConnection::new(Arc::clone(&app));
-                let activity = Arc::new(Activity::default());
-                let service = Tracked {
-                    inner: TowerToHyperService::new(router),
-                    activity: Arc::clone(&activity),
+        let counted = Arc::clone(&app);
+        let connection = async move {
+            let _permit = permit;
+            let tls =
+                match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        app.metrics.tls_handshake_failed();
+                        debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        app.metrics.tls_handshake_failed();
+                        debug!("TLS handshake timed out");
+                        return;
+                    }
                 };
-                let conn = builder
-                    .serve_connection(TokioIo::new(tls), service)
-                    .into_owned();
-                serve_connection(conn, &activity, &settings, stop).await;
-            }
-            .instrument(info_span!("conn", %peer)),
-        );
+            let _open = OpenConnection::new(Arc::clone(&app));
+            let activity = Arc::new(Activity::default());
+            let service = Tracked {
+                inner: TowerToHyperService::new(router),
+                activity: Arc::clone(&activity),
+                app: Arc::clone(&app),
+            };
+            let conn = builder
+                .serve_connection(TokioIo::new(tls), service)
+                .into_owned();
+            serve_connection(conn, &activity, &settings, stop).await;
+        };
+        spawn_connection(counted, connection.instrument(info_span!("conn", %peer)));
     }
     drop(listener);
     // Idle keep-alive connections close now (the apiserver pools them, kubernetes#127335);
@@ -317,6 +319,25 @@ async fn accept_loop(
     {
         warn!(grace = ?settings.shutdown_grace, "Connections still open after the grace period");
     }
+}
+
+/// Spawns one connection's task. A panic in it ends only that connection, and is counted in
+/// `panics_total` so that it cannot pass unseen; the task's guards (its `--max-connections`
+/// permit, its place in `connections_open`) come down as it unwinds.
+fn spawn_connection(
+    app: Arc<App>,
+    connection: impl Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(
+        AssertUnwindSafe(connection)
+            .catch_unwind()
+            .map(move |ended| {
+                if let Err(panic) = ended {
+                    app.metrics.panicked();
+                    error!(panic = panic_message(&*panic), "A connection task panicked");
+                }
+            }),
+    )
 }
 
 /// Counts a connection in `connections_open` for as long as it lives. A guard, so the count
@@ -384,10 +405,36 @@ impl Drop for InFlight {
     }
 }
 
-/// The router as a hyper service that keeps a connection's [`Activity`].
+/// The router as a hyper service that keeps a connection's [`Activity`] and answers 500 for a
+/// handler that panics.
 struct Tracked {
     inner: TowerToHyperService<Router>,
     activity: Arc<Activity>,
+    app: Arc<App>,
+}
+
+/// The text of a panic's payload, when it is one (`panic!` with a message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
+}
+
+/// The answer to a request whose handler panicked: a `Status` as the 4xx answers are, so the
+/// apiserver logs why, and then applies the webhook's `failurePolicy`.
+fn handler_panicked() -> RouterResponse {
+    let body = serde_json::json!({
+        "apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 500,
+        "reason": "InternalError", "message": "the webhook failed while answering this request",
+    });
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 type RouterService = TowerToHyperService<Router>;
@@ -403,9 +450,20 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
         self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
         self.activity.started.fetch_add(1, Ordering::AcqRel);
         let in_flight = InFlight(Arc::clone(&self.activity));
-        let fut = self.inner.call(req);
+        // Unwind safety: what a handler shares with other requests is atomics, semaphores whose
+        // permits its future returns as it is dropped, and locks that every user recovers from
+        // poisoning; a panic leaves none of it half-changed.
+        let fut = AssertUnwindSafe(self.inner.call(req)).catch_unwind();
+        let app = Arc::clone(&self.app);
         Box::pin(async move {
-            let answered = fut.await;
+            let answered = fut.await.unwrap_or_else(|panic| {
+                app.metrics.panicked();
+                error!(
+                    panic = panic_message(&*panic),
+                    "A request handler panicked; answered 500"
+                );
+                Ok(handler_panicked())
+            });
             drop(in_flight);
             answered
         })
@@ -488,17 +546,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_open_connection_count_comes_down_when_a_connection_task_panics() {
+    async fn a_connection_task_that_panics_is_counted_and_its_open_count_comes_down() {
         let app = app();
-        let task = tokio::spawn({
+        let task = spawn_connection(Arc::clone(&app), {
             let app = Arc::clone(&app);
             async move {
                 let _open = OpenConnection::new(app);
-                panic!("a handler panicked");
+                panic!("a connection task panicked");
             }
         });
-        assert!(task.await.unwrap_err().is_panic());
+        task.await.unwrap();
         assert_eq!(app.metrics.connections_open(), 0);
+        assert_eq!(app.metrics.panics(), 1);
     }
 
     #[test]

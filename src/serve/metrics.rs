@@ -9,7 +9,7 @@ use std::time::Duration;
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::{Registry, Unit},
+    registry::{Metric, Registry, Unit},
 };
 
 use crate::core::mutate::{ObjectKind, Verdict};
@@ -159,6 +159,13 @@ fn children<L: Copy, S: Clone + std::hash::Hash + Eq>(
         .collect()
 }
 
+/// A metric of one series, registered under `name`.
+fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 fn index<L: PartialEq>(all: &[L], value: &L) -> usize {
     all.iter().position(|v| v == value).unwrap_or_default()
 }
@@ -179,6 +186,7 @@ pub struct Metrics {
     connections_open: Gauge,
     connections_refused: Counter,
     tls_handshake_failures: Counter,
+    panics: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -222,18 +230,13 @@ impl Default for Metrics {
             Unit::Seconds,
             latency.clone(),
         );
-        let patch_operations = Counter::default();
-        registry.register(
+        let patch_operations: Counter = registered(
+            &mut registry,
             "patch_operations",
             "JSON patch operations sent",
-            patch_operations.clone(),
         );
-        let warnings = Counter::default();
-        registry.register(
-            "warnings",
-            "Warnings sent to the apiserver",
-            warnings.clone(),
-        );
+        let warnings: Counter =
+            registered(&mut registry, "warnings", "Warnings sent to the apiserver");
         let reload_family = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "reloads",
@@ -249,29 +252,30 @@ impl Default for Metrics {
                 }
             }));
         }
-        let certificate_expiry = Gauge::default();
-        registry.register(
+        let certificate_expiry: Gauge = registered(
+            &mut registry,
             "certificate_expiry_timestamp_seconds",
             "notAfter of the serving certificate, in Unix seconds",
-            certificate_expiry.clone(),
         );
-        let connections_open = Gauge::default();
-        registry.register(
+        let connections_open: Gauge = registered(
+            &mut registry,
             "connections_open",
             "TLS connections open now",
-            connections_open.clone(),
         );
-        let connections_refused = Counter::default();
-        registry.register(
+        let connections_refused: Counter = registered(
+            &mut registry,
             "connections_refused",
             "Connections closed at once because --max-connections were open",
-            connections_refused.clone(),
         );
-        let tls_handshake_failures = Counter::default();
-        registry.register(
+        let tls_handshake_failures: Counter = registered(
+            &mut registry,
             "tls_handshake_failures",
             "Connections whose TLS handshake failed or timed out",
-            tls_handshake_failures.clone(),
+        );
+        let panics: Counter = registered(
+            &mut registry,
+            "panics",
+            "Admission request handlers and connection tasks that panicked; a handler's request is answered 500",
         );
         Self {
             registry: std::sync::Mutex::new(registry),
@@ -285,6 +289,7 @@ impl Default for Metrics {
             connections_open,
             connections_refused,
             tls_handshake_failures,
+            panics,
         }
     }
 }
@@ -367,6 +372,17 @@ impl Metrics {
         self.tls_handshake_failures.inc();
     }
 
+    /// Counts a request handler or connection task that panicked.
+    pub fn panicked(&self) {
+        self.panics.inc();
+    }
+
+    /// Request handlers and connection tasks that panicked.
+    #[must_use]
+    pub fn panics(&self) -> u64 {
+        self.panics.get()
+    }
+
     /// Adds the cluster view's metrics: its cache state and the reconciler's.
     pub fn register_cluster(&self, cluster: &crate::cluster::Running) {
         let mut registry = self
@@ -433,6 +449,7 @@ mod tests {
             "outpost_webhook_connections_open 0",
             "outpost_webhook_connections_refused_total 0",
             "outpost_webhook_tls_handshake_failures_total 0",
+            "outpost_webhook_panics_total 0",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
