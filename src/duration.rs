@@ -25,7 +25,8 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
             "m" => value * 60.0,
             "s" => value,
             "ms" => value / 1e3,
-            "us" | "µs" => value / 1e6,
+            // Go accepts the micro sign (U+00B5) and the Greek mu (U+03BC).
+            "us" | "\u{b5}s" | "\u{3bc}s" => value / 1e6,
             "ns" => value / 1e9,
             _ => return None,
         };
@@ -49,6 +50,13 @@ mod tests {
         assert_eq!(parse_go_duration("10"), None);
         assert_eq!(parse_go_duration("x"), None);
         assert_eq!(parse_go_duration("1s."), None);
+        for micro in ["3us", "3\u{b5}s", "3\u{3bc}s"] {
+            assert_eq!(
+                parse_go_duration(micro),
+                Some(Duration::from_micros(3)),
+                "{micro}"
+            );
+        }
     }
 
     #[test]

@@ -52,7 +52,9 @@ fn ca_bundle(files: &[&Path]) -> String {
     }
     let yaml = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let doc: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
-    let encoded = doc["webhooks"][0]["clientConfig"]["caBundle"].as_str().unwrap();
+    let encoded = doc["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .unwrap();
     String::from_utf8(
         base64::engine::general_purpose::STANDARD
             .decode(encoded)

@@ -82,7 +82,7 @@ pub struct ServeArgs {
     /// How long a client may take to finish the TLS handshake.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub handshake_timeout: Duration,
-    /// Open TLS connections beyond this are closed at once. Each may hold up to 336 KiB outside
+    /// Open TLS connections beyond this are closed at once. Each may hold up to 256 KiB outside
     /// the request budget (HTTP/2 windows and headers, TLS buffers).
     #[arg(long, default_value_t = 128)]
     pub max_connections: usize,
