@@ -417,3 +417,55 @@ async fn create_and_update_of_every_shared_fixture_converge_over_one_connection(
         }
     }
 }
+
+#[tokio::test]
+async fn a_new_client_ca_is_picked_up_and_the_old_one_refused() {
+    let dir = common::temp_dir("client-ca-reload");
+    let ca_path = dir.path().join("client-ca.crt");
+    let old = outpost_webhook::pki::generate_client("kube-apiserver", 1).unwrap();
+    std::fs::write(&ca_path, &old.ca_pem).unwrap();
+    let server = TestServer::start_with(|c| c.client_ca = Some(ca_path.clone())).await;
+    let (_, review) = golden_reviews().remove(0);
+    let accepted = async |identity: &outpost_webhook::pki::Generated| {
+        let config = common::client_config(
+            &server.ca_pem,
+            &[b"http/1.1"],
+            Some((&identity.cert_pem, &identity.key_pem)),
+        );
+        let attempt = async {
+            let tls = common::tls_connect(server.addr(), config).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .map_err(std::io::Error::other)?;
+            tokio::spawn(conn);
+            let resp = sender
+                .send_request(review_request(&review))
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>(resp.status().as_u16())
+        };
+        attempt.await.ok() == Some(200)
+    };
+    assert!(accepted(&old).await);
+
+    // The apiserver's client certificate is reissued from a new CA, and the file replaced.
+    let new = outpost_webhook::pki::generate_client("kube-apiserver", 1).unwrap();
+    std::fs::write(&ca_path, &new.ca_pem).unwrap();
+    server.running.app.reload();
+    assert!(accepted(&new).await, "the new client CA was not picked up");
+    assert!(!accepted(&old).await, "the old client CA is still trusted");
+
+    // A broken file is refused and the CA in force stays.
+    std::fs::write(&ca_path, "not a certificate").unwrap();
+    server.running.app.reload();
+    assert!(accepted(&new).await);
+    assert_eq!(
+        server
+            .running
+            .app
+            .metrics
+            .reloads(outpost_webhook::serve::metrics::Reloaded::ClientCa),
+        (1, 1)
+    );
+}

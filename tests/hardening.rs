@@ -460,3 +460,30 @@ fn version_names_the_commit_and_subcommands_say_outpost_webhook() {
         );
     }
 }
+
+#[test]
+fn huge_or_malformed_duration_flags_are_usage_errors_not_panics() {
+    for flag in [
+        "--reload-interval",
+        "--shutdown-grace",
+        "--request-timeout",
+        "--header-timeout",
+        "--handshake-timeout",
+        "--idle-timeout",
+        "--max-connection-age",
+        "--roll-interval",
+    ] {
+        for value in [
+            "18000000000000000000s18000000000000000000s",
+            "1e400s",
+            &"9".repeat(400),
+            "-1s",
+        ] {
+            let o = run(&["serve", &format!("{flag}={value}")]);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(2), "{flag} {value}: {err}");
+            assert!(err.contains("is not a duration"), "{flag} {value}: {err}");
+            assert!(!err.contains("panicked"), "{flag} {value}: {err}");
+        }
+    }
+}
