@@ -41,10 +41,36 @@ pub struct Cache {
     deployments: RwLock<BTreeMap<(String, String), Value>>,
     /// Watchers that have not finished their first list.
     unsynced: AtomicUsize,
-    /// `verb resource in namespace` that the apiserver refused (403).
-    forbidden: Mutex<BTreeSet<String>>,
+    /// What the apiserver refused (403): a watch, a reconcile write or the Lease.
+    forbidden: Mutex<BTreeSet<Refusal>>,
+    /// The watched namespaces, and the Secret names followed in each: a reloaded policy may name
+    /// another Secret, which [`Cache::follow_secrets`] then starts following.
+    namespaces: Vec<String>,
+    secrets: Mutex<BTreeSet<String>>,
     /// Woken on every change, for the reconciler.
     pub changed: Notify,
+}
+
+/// A request the apiserver answered 403: what RBAC must allow. Shown as
+/// `verb resource (scope) in namespace`, e.g. `patch services in authentik`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Refusal {
+    pub verb: String,
+    /// The API resource, plural: `services`, `deployments`, `secrets`, `leases`.
+    pub resource: &'static str,
+    /// A field selector or object name the request was limited to, when RBAC can name it.
+    pub scope: Option<String>,
+    pub namespace: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.verb, self.resource)?;
+        if let Some(scope) = &self.scope {
+            write!(f, " ({scope})")?;
+        }
+        write!(f, " in {}", self.namespace)
+    }
 }
 
 impl View for Cache {
@@ -66,6 +92,15 @@ enum Kind {
 }
 
 impl Kind {
+    fn of<K: Resource<DynamicType = ()>>() -> Option<Self> {
+        match K::kind(&()).as_ref() {
+            "Deployment" => Some(Self::Deployment),
+            "Service" => Some(Self::Service),
+            "Secret" => Some(Self::Secret),
+            _ => None,
+        }
+    }
+
     fn resource(self) -> &'static str {
         match self {
             Self::Deployment => "deployments",
@@ -83,26 +118,57 @@ impl Cache {
         namespaces: &[String],
         secrets: &BTreeSet<String>,
     ) -> (Arc<Self>, Vec<JoinHandle<()>>) {
-        let cache = Arc::new(Self::default());
+        let cache = Arc::new(Self {
+            namespaces: namespaces.to_vec(),
+            ..Self::default()
+        });
         let outposts =
             watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_AUTHENTIK}"));
         let mut tasks = Vec::new();
         for ns in namespaces {
-            tasks.push(cache.follow(
+            tasks.push(tokio::spawn(cache.follow(
                 Api::<Deployment>::namespaced(client.clone(), ns),
                 outposts.clone(),
                 Kind::Deployment,
                 ns,
-            ));
-            tasks.push(cache.follow(
+            )));
+            tasks.push(tokio::spawn(cache.follow(
                 Api::<Service>::namespaced(client.clone(), ns),
                 outposts.clone(),
                 Kind::Service,
                 ns,
-            ));
-            for name in secrets {
+            )));
+        }
+        tasks.extend(
+            cache
+                .follow_secrets(client, secrets)
+                .into_iter()
+                .map(tokio::spawn),
+        );
+        (cache, tasks)
+    }
+
+    /// A watcher for each Secret in `names`, in each watched namespace, that is not followed yet:
+    /// a reloaded policy may name a Secret the cache was not started with. The caller spawns the
+    /// futures and owns their lifetime. Readiness is false until each has listed once.
+    pub fn follow_secrets(
+        self: &Arc<Self>,
+        client: &Client,
+        names: &BTreeSet<String>,
+    ) -> Vec<impl Future<Output = ()> + Send + 'static + use<>> {
+        let new: Vec<String> = {
+            let mut followed = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
+            names
+                .iter()
+                .filter(|n| followed.insert((*n).clone()))
+                .cloned()
+                .collect()
+        };
+        let mut watchers = Vec::new();
+        for name in &new {
+            for ns in &self.namespaces {
                 let by_name = watcher::Config::default().fields(&format!("metadata.name={name}"));
-                tasks.push(cache.follow(
+                watchers.push(self.follow(
                     Api::<Secret>::namespaced(client.clone(), ns),
                     by_name,
                     Kind::Secret,
@@ -110,19 +176,53 @@ impl Cache {
                 ));
             }
         }
-        (cache, tasks)
+        watchers
     }
 
-    /// True once every watcher has listed once and none was refused.
+    /// True once every watcher has listed once: the view is complete enough to plan writes from.
+    #[must_use]
+    pub fn synced(&self) -> bool {
+        self.unsynced.load(Ordering::Relaxed) == 0
+    }
+
+    /// True once every watcher has listed once and nothing is refused.
     #[must_use]
     pub fn ready(&self) -> bool {
-        self.unsynced.load(Ordering::Relaxed) == 0 && self.lock_forbidden().is_empty()
+        self.synced() && self.lock_forbidden().is_empty()
     }
 
     /// What the apiserver refused, as `verb resource in namespace`.
     #[must_use]
     pub fn forbidden(&self) -> Vec<String> {
-        self.lock_forbidden().iter().cloned().collect()
+        self.lock_forbidden()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// Notes a 403; readiness stays false until [`Cache::allow`] clears it. True the first time,
+    /// so the caller logs each refusal once rather than on every retry.
+    pub fn refuse(&self, refusal: Refusal) -> bool {
+        self.lock_forbidden().insert(refusal)
+    }
+
+    /// The apiserver allowed one of `verbs` on `resource` in `namespace` (within `scope`, when
+    /// given): what it refused of those before is cleared.
+    pub fn allow(&self, verbs: &[&str], resource: &str, scope: Option<&str>, namespace: &str) {
+        self.lock_forbidden().retain(|r| {
+            !(r.resource == resource
+                && r.namespace == namespace
+                && verbs.contains(&r.verb.as_str())
+                && (scope.is_none() || r.scope.as_deref() == scope))
+        });
+    }
+
+    /// Adds or replaces one outpost Deployment or Service, or a Secret, as a watch event does.
+    /// Other kinds are ignored. The watchers feed the cache this way; so can a bench or a test.
+    pub fn apply<K: Resource<DynamicType = ()> + Serialize>(&self, namespace: &str, object: &K) {
+        if let Some(kind) = Kind::of::<K>() {
+            self.put(kind, namespace, object);
+        }
     }
 
     /// The outpost Services and Deployments as stored, for the reconciler.
@@ -158,19 +258,20 @@ impl Cache {
         self.snapshot.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn lock_forbidden(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+    fn lock_forbidden(&self) -> std::sync::MutexGuard<'_, BTreeSet<Refusal>> {
         self.forbidden
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// One watcher's loop, to be spawned: list, then watch, re-listing with backoff.
     fn follow<K>(
         self: &Arc<Self>,
         api: Api<K>,
         config: watcher::Config,
         kind: Kind,
         namespace: &str,
-    ) -> JoinHandle<()>
+    ) -> impl Future<Output = ()> + Send + 'static + use<K>
     where
         K: Resource
             + Clone
@@ -185,7 +286,7 @@ impl Cache {
         let cache = Arc::clone(self);
         let namespace = namespace.to_owned();
         let scope = config.field_selector.clone();
-        tokio::spawn(async move {
+        async move {
             let mut synced = false;
             let mut buffer = Vec::new();
             let mut stream = watcher(api, config).default_backoff().boxed();
@@ -194,13 +295,19 @@ impl Cache {
                     Ok(watcher::Event::Init) => buffer.clear(),
                     Ok(watcher::Event::InitApply(object)) => buffer.push(object),
                     Ok(watcher::Event::InitDone) => {
-                        cache.replace(kind, &namespace, &std::mem::take(&mut buffer));
+                        let objects = std::mem::take(&mut buffer);
+                        cache.replace(kind, &namespace, scope.as_deref(), &objects);
                         if !synced {
                             synced = true;
                             cache.unsynced.fetch_sub(1, Ordering::Relaxed);
                             info!(resource = kind.resource(), %namespace, "Watch cache synced");
                         }
-                        cache.allowed(kind, &namespace);
+                        cache.allow(
+                            &["list", "watch"],
+                            kind.resource(),
+                            scope.as_deref(),
+                            &namespace,
+                        );
                     }
                     Ok(watcher::Event::Apply(object)) => cache.put(kind, &namespace, &object),
                     Ok(watcher::Event::Delete(object)) => {
@@ -209,17 +316,29 @@ impl Cache {
                     Err(e) => cache.failed(kind, &namespace, scope.as_deref(), &e),
                 }
             }
-        })
+        }
     }
 
-    /// Replaces what one watcher holds with a fresh list.
-    fn replace<K: Resource + Serialize>(&self, kind: Kind, namespace: &str, objects: &[K]) {
+    /// Replaces what one watcher holds with a fresh list. `scope` is a Secret watcher's
+    /// `metadata.name=` selector.
+    fn replace<K: Resource + Serialize>(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        scope: Option<&str>,
+        objects: &[K],
+    ) {
         let names: BTreeSet<String> = objects.iter().map(kube::ResourceExt::name_any).collect();
         let held: Vec<String> = match kind {
             Kind::Service => keys(&self.services, namespace),
             Kind::Deployment => keys(&self.deployments, namespace),
-            // One watcher per Secret name: what it lists is all there is of that name.
-            Kind::Secret => Vec::new(),
+            // One watcher per Secret name: a list without it means the Secret is gone (deleted
+            // while the watch was down), and its digests must go with it.
+            Kind::Secret => scope
+                .and_then(|s| s.strip_prefix("metadata.name="))
+                .map(str::to_owned)
+                .into_iter()
+                .collect(),
         };
         for gone in held.iter().filter(|n| !names.contains(*n)) {
             self.remove(kind, namespace, gone);
@@ -295,23 +414,19 @@ impl Cache {
                 watcher::Error::InitialListFailed(_) => "list",
                 _ => "watch",
             };
-            let what = match scope {
-                Some(s) => format!("{verb} {} ({s}) in {namespace}", kind.resource()),
-                None => format!("{verb} {} in {namespace}", kind.resource()),
+            let refusal = Refusal {
+                verb: verb.into(),
+                resource: kind.resource(),
+                scope: scope.map(str::to_owned),
+                namespace: namespace.to_owned(),
             };
-            if self.lock_forbidden().insert(what.clone()) {
+            let what = refusal.to_string();
+            if self.refuse(refusal) {
                 warn!(forbidden = %what, "The apiserver refused a watch: RBAC must allow it");
             }
         } else {
             warn!(resource = kind.resource(), %namespace, error = %e, "Watch failed; retrying");
         }
-    }
-
-    /// A watcher listed successfully: whatever it was refused before is allowed now.
-    fn allowed(&self, kind: Kind, namespace: &str) {
-        let suffix = format!(" in {namespace}");
-        self.lock_forbidden()
-            .retain(|w| !(w.contains(kind.resource()) && w.ends_with(&suffix)));
     }
 }
 
@@ -350,6 +465,14 @@ mod tests {
         .unwrap()
     }
 
+    fn goauthentik(data: &Value) -> Secret {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "goauthentik", "namespace": "authentik"},
+            "data": data}))
+        .unwrap()
+    }
+
     fn outpost(name: &str) -> Outpost<'_> {
         Outpost {
             name,
@@ -368,7 +491,12 @@ mod tests {
         cache.remove(Kind::Deployment, "authentik", "a");
         assert_eq!(cache.standalone("authentik", &outpost("one")), Some(false));
         // A re-list drops what is no longer there.
-        cache.replace(Kind::Deployment, "authentik", &[deployment("c", "three")]);
+        cache.replace(
+            Kind::Deployment,
+            "authentik",
+            None,
+            &[deployment("c", "three")],
+        );
         assert_eq!(cache.standalone("authentik", &outpost("two")), Some(false));
         assert_eq!(cache.standalone("authentik", &outpost("three")), Some(true));
         assert_eq!(cache.counts(), (1, 0, 0));
@@ -378,11 +506,7 @@ mod tests {
     #[test]
     fn secrets_are_kept_as_digests_only() {
         let cache = Cache::default();
-        let secret: Secret = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "goauthentik", "namespace": "authentik"},
-            "data": {"AUTHENTIK_POSTGRESQL__PASSWORD": "aHVudGVyMg=="}}))
-        .unwrap();
+        let secret = goauthentik(&json!({"AUTHENTIK_POSTGRESQL__PASSWORD": "aHVudGVyMg=="}));
         cache.put(Kind::Secret, "authentik", &secret);
         let data = cache.secret("authentik", "goauthentik").unwrap();
         assert_eq!(
@@ -391,6 +515,48 @@ mod tests {
         );
         assert!(!format!("{cache:?}").contains("hunter2"));
         assert!(!format!("{cache:?}").contains("aHVudGVyMg"));
+    }
+
+    #[test]
+    fn a_secret_gone_from_a_relist_is_forgotten() {
+        let cache = Cache::default();
+        let secret = goauthentik(&json!({"K": "eA=="}));
+        let scope = Some("metadata.name=goauthentik");
+        cache.replace(
+            Kind::Secret,
+            "authentik",
+            scope,
+            std::slice::from_ref(&secret),
+        );
+        assert_eq!(cache.counts(), (0, 0, 1));
+        // Deleted while the watch was down: the next list is empty.
+        cache.replace::<Secret>(Kind::Secret, "authentik", scope, &[]);
+        assert_eq!(cache.counts(), (0, 0, 0));
+        assert_eq!(
+            cache.secret("authentik", "goauthentik"),
+            Some(BTreeMap::new())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_secret_named_later_gets_a_watcher_once_and_readiness_waits_for_it() {
+        let (mock, _apiserver) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = Client::new(mock, "default");
+        let names = |n: &[&str]| n.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
+        let (cache, tasks) = Cache::spawn(&client, &["authentik".into()], &names(&["a"]));
+        // Deployments, Services, and Secret `a`: none has listed.
+        assert_eq!(tasks.len(), 3);
+        assert!(cache.follow_secrets(&client, &names(&["a"])).is_empty());
+        assert_eq!(cache.follow_secrets(&client, &names(&["a", "b"])).len(), 1);
+        assert!(cache.follow_secrets(&client, &names(&["b"])).is_empty());
+        assert_eq!(cache.unsynced.load(Ordering::Relaxed), 4);
+        assert!(!cache.ready());
+        for t in tasks {
+            t.abort();
+        }
     }
 
     #[test]
@@ -410,7 +576,12 @@ mod tests {
             cache.forbidden(),
             ["list secrets (metadata.name=goauthentik) in authentik"]
         );
-        cache.allowed(Kind::Secret, "authentik");
+        cache.allow(
+            &["list"],
+            "secrets",
+            Some("metadata.name=goauthentik"),
+            "authentik",
+        );
         assert!(cache.ready());
     }
 }
