@@ -5,6 +5,14 @@
 //! Network I/O: kube-runtime watchers, list then watch, re-listing with backoff when a watch
 //! breaks. Admission reads only this cache, never the API, and keeps answering from the last view
 //! when the apiserver goes away.
+//!
+//! Memory is bounded by what the decisions read, not by what the objects hold. A stored outpost
+//! Deployment is about 10 KB of JSON and ten times that as a `serde_json::Value` tree (each map a
+//! B-tree node); held whole, 1,000 outposts took about 200 MB. So each object is kept as compact
+//! JSON text of the fields the rules read (`core::mutate::READS`: no `managedFields`, `status`,
+//! ports, or other containers' specs), and parsed again one at a time when the reconciler plans.
+//! Lists are read in pages of [`PAGE_SIZE`], so at most that many full objects are in memory at
+//! once, and each is pruned as it arrives.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -27,18 +35,27 @@ use tracing::{info, warn};
 
 use crate::{
     core::{
+        admission::prune::Keep,
         cluster::{Snapshot, View, deployment_selector, secret_digests},
+        mutate::{CONTAINER_READS, READS},
         policy::Outpost,
     },
     k8s::{MANAGED_BY, MANAGED_BY_AUTHENTIK},
 };
 
+/// How many objects one list request asks for. The watcher holds one page of full typed objects
+/// (a Deployment with its `managedFields` is tens of KB each) while it hands them over.
+pub const PAGE_SIZE: u32 = 50;
+
+/// Outpost objects by (namespace, name), each as the compact JSON text of what the rules read.
+type Stored = RwLock<BTreeMap<(String, String), Arc<str>>>;
+
 /// What the watchers have seen, and whether they have all listed once.
 #[derive(Debug, Default)]
 pub struct Cache {
     snapshot: RwLock<Snapshot>,
-    services: RwLock<BTreeMap<(String, String), Value>>,
-    deployments: RwLock<BTreeMap<(String, String), Value>>,
+    services: Stored,
+    deployments: Stored,
     /// Watchers that have not finished their first list.
     unsynced: AtomicUsize,
     /// What the apiserver refused (403): a watch, a reconcile write or the Lease.
@@ -122,8 +139,9 @@ impl Cache {
             namespaces: namespaces.to_vec(),
             ..Self::default()
         });
-        let outposts =
-            watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_AUTHENTIK}"));
+        let outposts = watcher::Config::default()
+            .labels(&format!("{MANAGED_BY}={MANAGED_BY_AUTHENTIK}"))
+            .page_size(PAGE_SIZE);
         let mut tasks = Vec::new();
         for ns in namespaces {
             tasks.push(tokio::spawn(cache.follow(
@@ -167,7 +185,9 @@ impl Cache {
         let mut watchers = Vec::new();
         for name in &new {
             for ns in &self.namespaces {
-                let by_name = watcher::Config::default().fields(&format!("metadata.name={name}"));
+                let by_name = watcher::Config::default()
+                    .fields(&format!("metadata.name={name}"))
+                    .page_size(PAGE_SIZE);
                 watchers.push(self.follow(
                     Api::<Secret>::namespaced(client.clone(), ns),
                     by_name,
@@ -225,10 +245,11 @@ impl Cache {
         }
     }
 
-    /// The outpost Services and Deployments as stored, for the reconciler.
+    /// The outpost Services and Deployments as the cache keeps them (what the rules read), as
+    /// compact JSON text: cheap to copy, parsed by the caller one at a time.
     #[must_use]
-    pub fn objects(&self) -> (Vec<Value>, Vec<Value>) {
-        let read = |m: &RwLock<BTreeMap<(String, String), Value>>| {
+    pub fn stored(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let read = |m: &Stored| {
             m.read()
                 .unwrap_or_else(PoisonError::into_inner)
                 .values()
@@ -236,6 +257,20 @@ impl Cache {
                 .collect()
         };
         (read(&self.services), read(&self.deployments))
+    }
+
+    /// The outpost Services and Deployments as the cache keeps them, parsed: all at once, so
+    /// about ten times [`Cache::stored`] in memory.
+    #[must_use]
+    pub fn objects(&self) -> (Vec<Value>, Vec<Value>) {
+        let parse = |texts: Vec<Arc<str>>| {
+            texts
+                .iter()
+                .filter_map(|t| serde_json::from_str(t).ok())
+                .collect()
+        };
+        let (services, deployments) = self.stored();
+        (parse(services), parse(deployments))
     }
 
     /// How many outpost Deployments, Services and Secrets the cache holds.
@@ -288,15 +323,18 @@ impl Cache {
         let scope = config.field_selector.clone();
         async move {
             let mut synced = false;
-            let mut buffer = Vec::new();
+            // The names a (re-)list has shown; what is not among them is gone.
+            let mut listed = BTreeSet::new();
             let mut stream = watcher(api, config).default_backoff().boxed();
             while let Some(event) = stream.next().await {
                 match event {
-                    Ok(watcher::Event::Init) => buffer.clear(),
-                    Ok(watcher::Event::InitApply(object)) => buffer.push(object),
+                    Ok(watcher::Event::Init) => listed.clear(),
+                    Ok(watcher::Event::InitApply(object)) => {
+                        listed.insert(object.name_any());
+                        cache.put(kind, &namespace, &object);
+                    }
                     Ok(watcher::Event::InitDone) => {
-                        let objects = std::mem::take(&mut buffer);
-                        cache.replace(kind, &namespace, scope.as_deref(), &objects);
+                        cache.relisted(kind, &namespace, scope.as_deref(), &listed);
                         if !synced {
                             synced = true;
                             cache.unsynced.fetch_sub(1, Ordering::Relaxed);
@@ -319,16 +357,15 @@ impl Cache {
         }
     }
 
-    /// Replaces what one watcher holds with a fresh list. `scope` is a Secret watcher's
-    /// `metadata.name=` selector.
-    fn replace<K: Resource + Serialize>(
+    /// A (re-)list is complete: what one watcher holds but the list did not show is removed.
+    /// `scope` is a Secret watcher's `metadata.name=` selector.
+    fn relisted(
         &self,
         kind: Kind,
         namespace: &str,
         scope: Option<&str>,
-        objects: &[K],
+        listed: &BTreeSet<String>,
     ) {
-        let names: BTreeSet<String> = objects.iter().map(kube::ResourceExt::name_any).collect();
         let held: Vec<String> = match kind {
             Kind::Service => keys(&self.services, namespace),
             Kind::Deployment => keys(&self.deployments, namespace),
@@ -340,11 +377,8 @@ impl Cache {
                 .into_iter()
                 .collect(),
         };
-        for gone in held.iter().filter(|n| !names.contains(*n)) {
+        for gone in held.iter().filter(|n| !listed.contains(*n)) {
             self.remove(kind, namespace, gone);
-        }
-        for object in objects {
-            self.put(kind, namespace, object);
         }
         self.changed.notify_one();
     }
@@ -366,11 +400,11 @@ impl Cache {
                     None => snapshot.remove_deployment(namespace, &name),
                 }
                 drop(snapshot);
-                write(&self.deployments).insert(key, value);
+                write(&self.deployments).insert(key, kept(&value));
             }
             Kind::Service => {
                 drop(snapshot);
-                write(&self.services).insert(key, value);
+                write(&self.services).insert(key, kept(&value));
             }
             Kind::Secret => snapshot.put_secret(namespace, &name, secret_digests(&value)),
         }
@@ -430,13 +464,11 @@ impl Cache {
     }
 }
 
-fn write(
-    map: &RwLock<BTreeMap<(String, String), Value>>,
-) -> std::sync::RwLockWriteGuard<'_, BTreeMap<(String, String), Value>> {
+fn write(map: &Stored) -> std::sync::RwLockWriteGuard<'_, BTreeMap<(String, String), Arc<str>>> {
     map.write().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn keys(map: &RwLock<BTreeMap<(String, String), Value>>, namespace: &str) -> Vec<String> {
+fn keys(map: &Stored, namespace: &str) -> Vec<String> {
     map.read()
         .unwrap_or_else(PoisonError::into_inner)
         .keys()
@@ -445,9 +477,36 @@ fn keys(map: &RwLock<BTreeMap<(String, String), Value>>, namespace: &str) -> Vec
         .collect()
 }
 
+/// What the cache keeps of an outpost object: the fields the rules read, as compact JSON.
+fn kept(object: &Value) -> Arc<str> {
+    Arc::from(serde_json::to_string(&prune(object, &READS)).unwrap_or_default())
+}
+
+/// `value` with only what `keep` names: the paths admission's parser builds
+/// (`core::admission::prune`), taken from a tree rather than from the bytes. Every container
+/// keeps what the outpost container would, a superset of what the rules read.
+fn prune(value: &Value, keep: &Keep) -> Value {
+    match (keep, value) {
+        (Keep::Keys(keys), Value::Object(members)) => Value::Object(
+            keys.iter()
+                .filter_map(|(key, sub)| Some(((*key).to_owned(), prune(members.get(*key)?, sub))))
+                .collect(),
+        ),
+        (Keep::Each(sub), Value::Array(items)) => {
+            Value::Array(items.iter().map(|i| prune(i, sub)).collect())
+        }
+        (Keep::Containers, Value::Array(items)) => {
+            Value::Array(items.iter().map(|i| prune(i, &CONTAINER_READS)).collect())
+        }
+        // All, Labels, and a shape the rules do not expect: kept as it is, so they see it.
+        _ => value.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::mutate::{ObjectKind, mutate_in};
     use serde_json::json;
 
     fn deployment(name: &str, outpost: &str) -> Deployment {
@@ -491,16 +550,43 @@ mod tests {
         cache.remove(Kind::Deployment, "authentik", "a");
         assert_eq!(cache.standalone("authentik", &outpost("one")), Some(false));
         // A re-list drops what is no longer there.
-        cache.replace(
-            Kind::Deployment,
-            "authentik",
-            None,
-            &[deployment("c", "three")],
-        );
+        cache.put(Kind::Deployment, "authentik", &deployment("c", "three"));
+        cache.relisted(Kind::Deployment, "authentik", None, &["c".into()].into());
         assert_eq!(cache.standalone("authentik", &outpost("two")), Some(false));
         assert_eq!(cache.standalone("authentik", &outpost("three")), Some(true));
         assert_eq!(cache.counts(), (1, 0, 0));
         assert_eq!(cache.objects().1.len(), 1);
+    }
+
+    #[test]
+    fn an_object_is_kept_as_what_the_rules_read_and_decides_the_same() {
+        let policy = crate::core::policy::Policy::builtin().unwrap();
+        let fixture = |name: &str| -> Value {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(name);
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        };
+        let deployment = fixture("public-proxy-deployment.create.json");
+        let service = fixture("embedded-proxy-service.create.json");
+        let view = Snapshot::of([&deployment], "authentik");
+        for (kind, full) in [
+            (ObjectKind::Deployment, &deployment),
+            (ObjectKind::Service, &service),
+        ] {
+            let text = kept(full);
+            let pruned: Value = serde_json::from_str(&text).unwrap();
+            assert!(pruned.pointer("/metadata/managedFields").is_none());
+            assert!(pruned.get("status").is_none());
+            assert!(text.len() * 2 < full.to_string().len(), "{kind:?}");
+            for view in [&view as &dyn View, &crate::core::cluster::Off] {
+                assert_eq!(
+                    mutate_in(&policy, view, "authentik", kind, &pruned),
+                    mutate_in(&policy, view, "authentik", kind, full),
+                    "{kind:?}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -522,15 +608,16 @@ mod tests {
         let cache = Cache::default();
         let secret = goauthentik(&json!({"K": "eA=="}));
         let scope = Some("metadata.name=goauthentik");
-        cache.replace(
+        cache.put(Kind::Secret, "authentik", &secret);
+        cache.relisted(
             Kind::Secret,
             "authentik",
             scope,
-            std::slice::from_ref(&secret),
+            &["goauthentik".into()].into(),
         );
         assert_eq!(cache.counts(), (0, 0, 1));
         // Deleted while the watch was down: the next list is empty.
-        cache.replace::<Secret>(Kind::Secret, "authentik", scope, &[]);
+        cache.relisted(Kind::Secret, "authentik", scope, &BTreeSet::new());
         assert_eq!(cache.counts(), (0, 0, 0));
         assert_eq!(
             cache.secret("authentik", "goauthentik"),

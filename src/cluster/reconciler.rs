@@ -121,9 +121,25 @@ pub async fn run(
         if !leading || !cache.synced() {
             continue;
         }
-        let (services, deployments) = cache.objects();
-        let writes = plan(&policy, cache.as_ref(), &services, &deployments);
+        let (services, deployments) = cache.stored();
         failures = 0;
+        // One object at a time: the cache keeps compact text, and 1,000 outposts parsed at once
+        // would be ten times its size.
+        let planned = |text: &Arc<str>, service: bool| {
+            let Ok(object) = serde_json::from_str(text) else {
+                return Vec::new();
+            };
+            let one = std::slice::from_ref(&object);
+            if service {
+                plan(&policy, cache.as_ref(), one, &[])
+            } else {
+                plan(&policy, cache.as_ref(), &[], one)
+            }
+        };
+        let writes = services
+            .iter()
+            .flat_map(|s| planned(s, true))
+            .chain(deployments.iter().flat_map(|d| planned(d, false)));
         for write in writes {
             if write.kind == ObjectKind::Deployment {
                 if let Some(last) = last_roll {
