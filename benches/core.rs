@@ -1,15 +1,24 @@
 //! The pure path of one admission request: body bytes -> AdmissionReview -> mutate -> response
 //! bytes, on reviews shaped like the ones authentik's controller causes, and on Deployments
-//! padded to 100 KB and 1 MB to show how the cost grows with size.
+//! padded to 100 KB and 1 MB to show how the cost grows with size. The `cluster-view` group
+//! takes the same path with the watch cache as the view (`serve --cluster`): off, holding one
+//! outpost, and holding 1,000 (a Deployment and a Service each, and the Secret they read).
 //!
 //! `cargo bench --bench core`. Nothing in `cargo test` depends on these timings.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+#[path = "../examples/fleet/mod.rs"]
+mod fleet;
+
 use std::{hint::black_box, path::Path};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use outpost_webhook::core::{admission, policy::Policy};
+use outpost_webhook::core::{
+    admission,
+    cluster::{Off, View},
+    policy::Policy,
+};
 use serde_json::Value;
 
 fn golden(case: &str, file: &str) -> Value {
@@ -95,17 +104,69 @@ fn bench(c: &mut Criterion) {
     ];
     let mut group = c.benchmark_group("review");
     for (name, body) in &cases {
-        // Every case is a real one: it parses, and the first two are patched.
-        let (_, outcome, _) = admission::review(&policy, body).unwrap();
-        assert_eq!(
-            outcome.ops.is_empty(),
-            *name == "deployment-already-fixed",
-            "{name}"
-        );
+        // Every case is a real one. The Deployments that are not yet right are patched; with
+        // the view off, `selector: auto` keeps the Service's selector (a warning). The 1 MB one
+        // holds more values in its outpost container than the parser builds
+        // (`prune::MAX_KEPT_VALUES`): it is refused as a bad shape, and what is timed is how soon.
+        let reviewed = admission::review(&policy, body);
+        if *name == "deployment-1m" {
+            assert!(reviewed.is_err(), "{name}");
+        } else {
+            let (_, outcome, _) = reviewed.unwrap();
+            assert_eq!(
+                outcome.ops.is_empty(),
+                matches!(*name, "deployment-already-fixed" | "service-create"),
+                "{name}"
+            );
+        }
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_function(format!("{name}/{}B", body.len()), |b| {
-            b.iter(|| admission::review(black_box(&policy), black_box(body)).unwrap());
+            b.iter(|| admission::review(black_box(&policy), black_box(body)).is_ok());
         });
+    }
+    group.finish();
+}
+
+/// Admission with the cluster view: the embedded outpost's Service CREATE (the view is asked
+/// whether a standalone Deployment runs it; none does, so the selector is kept) and the `public`
+/// outpost's Deployment CREATE (the view gives the Secret data for its checksum).
+fn cluster_view(c: &mut Criterion) {
+    let policy = Policy::builtin().unwrap();
+    let reviews: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "service-create",
+            serde_json::to_vec(&golden("embedded-service-create", "review.json")).unwrap(),
+        ),
+        (
+            "deployment-create",
+            std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/admissionreview-public-deployment-create.json"),
+            )
+            .unwrap(),
+        ),
+    ];
+    let one = fleet::cache(&fleet::fleet(1));
+    let thousand = fleet::cache(&fleet::fleet(1000));
+    assert_eq!(thousand.counts(), (1000, 1000, 1));
+    let views: [(&str, &dyn View); 3] =
+        [("off", &Off), ("cache-1", &one), ("cache-1000", &thousand)];
+    let mut group = c.benchmark_group("cluster-view");
+    for (name, body) in &reviews {
+        for (view_name, view) in views {
+            // Each decides as admission would: a checksum only with a view, the same ops for
+            // one outpost and for 1,000.
+            let (_, outcome, _) = admission::review_with(&policy, view, body).unwrap();
+            assert!(
+                !outcome.ops.is_empty() || *name == "service-create",
+                "{name}"
+            );
+            group.bench_function(format!("{name}/{view_name}"), |b| {
+                b.iter(|| {
+                    admission::review_with(black_box(&policy), view, black_box(body)).unwrap()
+                });
+            });
+        }
     }
     group.finish();
 }
@@ -113,6 +174,6 @@ fn bench(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(50).measurement_time(std::time::Duration::from_secs(3));
-    targets = bench
+    targets = bench, cluster_view
 }
 criterion_main!(benches);

@@ -5,6 +5,14 @@
 //! Network I/O: kube-runtime watchers, list then watch, re-listing with backoff when a watch
 //! breaks. Admission reads only this cache, never the API, and keeps answering from the last view
 //! when the apiserver goes away.
+//!
+//! Memory is bounded by what the decisions read, not by what the objects hold. A stored outpost
+//! Deployment is about 10 KB of JSON and ten times that as a `serde_json::Value` tree (each map a
+//! B-tree node); held whole, 1,000 outposts took about 200 MB. So each object is kept as compact
+//! JSON text of the fields the rules read (`core::mutate::READS`: no `managedFields`, `status`,
+//! ports, or other containers' specs), and parsed again one at a time when the reconciler plans.
+//! Lists are read in pages of [`PAGE_SIZE`], so at most that many full objects are in memory at
+//! once, and each is pruned as it arrives.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -27,24 +35,59 @@ use tracing::{info, warn};
 
 use crate::{
     core::{
+        admission::prune::Keep,
         cluster::{Snapshot, View, deployment_selector, secret_digests},
+        mutate::{CONTAINER_READS, READS},
         policy::Outpost,
     },
     k8s::{MANAGED_BY, MANAGED_BY_AUTHENTIK},
 };
 
+/// How many objects one list request asks for. The watcher holds one page of full typed objects
+/// (a Deployment with its `managedFields` is tens of KB each) while it hands them over.
+pub const PAGE_SIZE: u32 = 50;
+
+/// Outpost objects by (namespace, name), each as the compact JSON text of what the rules read.
+type Stored = RwLock<BTreeMap<(String, String), Arc<str>>>;
+
 /// What the watchers have seen, and whether they have all listed once.
 #[derive(Debug, Default)]
 pub struct Cache {
     snapshot: RwLock<Snapshot>,
-    services: RwLock<BTreeMap<(String, String), Value>>,
-    deployments: RwLock<BTreeMap<(String, String), Value>>,
+    services: Stored,
+    deployments: Stored,
     /// Watchers that have not finished their first list.
     unsynced: AtomicUsize,
-    /// `verb resource in namespace` that the apiserver refused (403).
-    forbidden: Mutex<BTreeSet<String>>,
+    /// What the apiserver refused (403): a watch, a reconcile write or the Lease.
+    forbidden: Mutex<BTreeSet<Refusal>>,
+    /// The watched namespaces, and the Secret names followed in each: a reloaded policy may name
+    /// another Secret, which [`Cache::follow_secrets`] then starts following.
+    namespaces: Vec<String>,
+    secrets: Mutex<BTreeSet<String>>,
     /// Woken on every change, for the reconciler.
     pub changed: Notify,
+}
+
+/// A request the apiserver answered 403: what RBAC must allow. Shown as
+/// `verb resource (scope) in namespace`, e.g. `patch services in authentik`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Refusal {
+    pub verb: String,
+    /// The API resource, plural: `services`, `deployments`, `secrets`, `leases`.
+    pub resource: &'static str,
+    /// A field selector or object name the request was limited to, when RBAC can name it.
+    pub scope: Option<String>,
+    pub namespace: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.verb, self.resource)?;
+        if let Some(scope) = &self.scope {
+            write!(f, " ({scope})")?;
+        }
+        write!(f, " in {}", self.namespace)
+    }
 }
 
 impl View for Cache {
@@ -66,6 +109,15 @@ enum Kind {
 }
 
 impl Kind {
+    fn of<K: Resource<DynamicType = ()>>() -> Option<Self> {
+        match K::kind(&()).as_ref() {
+            "Deployment" => Some(Self::Deployment),
+            "Service" => Some(Self::Service),
+            "Secret" => Some(Self::Secret),
+            _ => None,
+        }
+    }
+
     fn resource(self) -> &'static str {
         match self {
             Self::Deployment => "deployments",
@@ -83,26 +135,60 @@ impl Cache {
         namespaces: &[String],
         secrets: &BTreeSet<String>,
     ) -> (Arc<Self>, Vec<JoinHandle<()>>) {
-        let cache = Arc::new(Self::default());
-        let outposts =
-            watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_AUTHENTIK}"));
+        let cache = Arc::new(Self {
+            namespaces: namespaces.to_vec(),
+            ..Self::default()
+        });
+        let outposts = watcher::Config::default()
+            .labels(&format!("{MANAGED_BY}={MANAGED_BY_AUTHENTIK}"))
+            .page_size(PAGE_SIZE);
         let mut tasks = Vec::new();
         for ns in namespaces {
-            tasks.push(cache.follow(
+            tasks.push(tokio::spawn(cache.follow(
                 Api::<Deployment>::namespaced(client.clone(), ns),
                 outposts.clone(),
                 Kind::Deployment,
                 ns,
-            ));
-            tasks.push(cache.follow(
+            )));
+            tasks.push(tokio::spawn(cache.follow(
                 Api::<Service>::namespaced(client.clone(), ns),
                 outposts.clone(),
                 Kind::Service,
                 ns,
-            ));
-            for name in secrets {
-                let by_name = watcher::Config::default().fields(&format!("metadata.name={name}"));
-                tasks.push(cache.follow(
+            )));
+        }
+        tasks.extend(
+            cache
+                .follow_secrets(client, secrets)
+                .into_iter()
+                .map(tokio::spawn),
+        );
+        (cache, tasks)
+    }
+
+    /// A watcher for each Secret in `names`, in each watched namespace, that is not followed yet:
+    /// a reloaded policy may name a Secret the cache was not started with. The caller spawns the
+    /// futures and owns their lifetime. Readiness is false until each has listed once.
+    pub fn follow_secrets(
+        self: &Arc<Self>,
+        client: &Client,
+        names: &BTreeSet<String>,
+    ) -> Vec<impl Future<Output = ()> + Send + 'static + use<>> {
+        let new: Vec<String> = {
+            let mut followed = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
+            names
+                .iter()
+                .filter(|n| followed.insert((*n).clone()))
+                .cloned()
+                .collect()
+        };
+        let mut watchers = Vec::new();
+        for name in &new {
+            for ns in &self.namespaces {
+                let by_name = watcher::Config::default()
+                    .fields(&format!("metadata.name={name}"))
+                    .page_size(PAGE_SIZE);
+                watchers.push(self.follow(
                     Api::<Secret>::namespaced(client.clone(), ns),
                     by_name,
                     Kind::Secret,
@@ -110,25 +196,60 @@ impl Cache {
                 ));
             }
         }
-        (cache, tasks)
+        watchers
     }
 
-    /// True once every watcher has listed once and none was refused.
+    /// True once every watcher has listed once: the view is complete enough to plan writes from.
+    #[must_use]
+    pub fn synced(&self) -> bool {
+        self.unsynced.load(Ordering::Relaxed) == 0
+    }
+
+    /// True once every watcher has listed once and nothing is refused.
     #[must_use]
     pub fn ready(&self) -> bool {
-        self.unsynced.load(Ordering::Relaxed) == 0 && self.lock_forbidden().is_empty()
+        self.synced() && self.lock_forbidden().is_empty()
     }
 
     /// What the apiserver refused, as `verb resource in namespace`.
     #[must_use]
     pub fn forbidden(&self) -> Vec<String> {
-        self.lock_forbidden().iter().cloned().collect()
+        self.lock_forbidden()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     }
 
-    /// The outpost Services and Deployments as stored, for the reconciler.
+    /// Notes a 403; readiness stays false until [`Cache::allow`] clears it. True the first time,
+    /// so the caller logs each refusal once rather than on every retry.
+    pub fn refuse(&self, refusal: Refusal) -> bool {
+        self.lock_forbidden().insert(refusal)
+    }
+
+    /// The apiserver allowed one of `verbs` on `resource` in `namespace` (within `scope`, when
+    /// given): what it refused of those before is cleared.
+    pub fn allow(&self, verbs: &[&str], resource: &str, scope: Option<&str>, namespace: &str) {
+        self.lock_forbidden().retain(|r| {
+            !(r.resource == resource
+                && r.namespace == namespace
+                && verbs.contains(&r.verb.as_str())
+                && (scope.is_none() || r.scope.as_deref() == scope))
+        });
+    }
+
+    /// Adds or replaces one outpost Deployment or Service, or a Secret, as a watch event does.
+    /// Other kinds are ignored. The watchers feed the cache this way; so can a bench or a test.
+    pub fn apply<K: Resource<DynamicType = ()> + Serialize>(&self, namespace: &str, object: &K) {
+        if let Some(kind) = Kind::of::<K>() {
+            self.put(kind, namespace, object);
+        }
+    }
+
+    /// The outpost Services and Deployments as the cache keeps them (what the rules read), as
+    /// compact JSON text: cheap to copy, parsed by the caller one at a time.
     #[must_use]
-    pub fn objects(&self) -> (Vec<Value>, Vec<Value>) {
-        let read = |m: &RwLock<BTreeMap<(String, String), Value>>| {
+    pub fn stored(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let read = |m: &Stored| {
             m.read()
                 .unwrap_or_else(PoisonError::into_inner)
                 .values()
@@ -136,6 +257,20 @@ impl Cache {
                 .collect()
         };
         (read(&self.services), read(&self.deployments))
+    }
+
+    /// The outpost Services and Deployments as the cache keeps them, parsed: all at once, so
+    /// about ten times [`Cache::stored`] in memory.
+    #[must_use]
+    pub fn objects(&self) -> (Vec<Value>, Vec<Value>) {
+        let parse = |texts: Vec<Arc<str>>| {
+            texts
+                .iter()
+                .filter_map(|t| serde_json::from_str(t).ok())
+                .collect()
+        };
+        let (services, deployments) = self.stored();
+        (parse(services), parse(deployments))
     }
 
     /// How many outpost Deployments, Services and Secrets the cache holds.
@@ -158,19 +293,20 @@ impl Cache {
         self.snapshot.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn lock_forbidden(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+    fn lock_forbidden(&self) -> std::sync::MutexGuard<'_, BTreeSet<Refusal>> {
         self.forbidden
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// One watcher's loop, to be spawned: list, then watch, re-listing with backoff.
     fn follow<K>(
         self: &Arc<Self>,
         api: Api<K>,
         config: watcher::Config,
         kind: Kind,
         namespace: &str,
-    ) -> JoinHandle<()>
+    ) -> impl Future<Output = ()> + Send + 'static + use<K>
     where
         K: Resource
             + Clone
@@ -185,22 +321,31 @@ impl Cache {
         let cache = Arc::clone(self);
         let namespace = namespace.to_owned();
         let scope = config.field_selector.clone();
-        tokio::spawn(async move {
+        async move {
             let mut synced = false;
-            let mut buffer = Vec::new();
+            // The names a (re-)list has shown; what is not among them is gone.
+            let mut listed = BTreeSet::new();
             let mut stream = watcher(api, config).default_backoff().boxed();
             while let Some(event) = stream.next().await {
                 match event {
-                    Ok(watcher::Event::Init) => buffer.clear(),
-                    Ok(watcher::Event::InitApply(object)) => buffer.push(object),
+                    Ok(watcher::Event::Init) => listed.clear(),
+                    Ok(watcher::Event::InitApply(object)) => {
+                        listed.insert(object.name_any());
+                        cache.put(kind, &namespace, &object);
+                    }
                     Ok(watcher::Event::InitDone) => {
-                        cache.replace(kind, &namespace, &std::mem::take(&mut buffer));
+                        cache.relisted(kind, &namespace, scope.as_deref(), &listed);
                         if !synced {
                             synced = true;
                             cache.unsynced.fetch_sub(1, Ordering::Relaxed);
                             info!(resource = kind.resource(), %namespace, "Watch cache synced");
                         }
-                        cache.allowed(kind, &namespace);
+                        cache.allow(
+                            &["list", "watch"],
+                            kind.resource(),
+                            scope.as_deref(),
+                            &namespace,
+                        );
                     }
                     Ok(watcher::Event::Apply(object)) => cache.put(kind, &namespace, &object),
                     Ok(watcher::Event::Delete(object)) => {
@@ -209,23 +354,31 @@ impl Cache {
                     Err(e) => cache.failed(kind, &namespace, scope.as_deref(), &e),
                 }
             }
-        })
+        }
     }
 
-    /// Replaces what one watcher holds with a fresh list.
-    fn replace<K: Resource + Serialize>(&self, kind: Kind, namespace: &str, objects: &[K]) {
-        let names: BTreeSet<String> = objects.iter().map(kube::ResourceExt::name_any).collect();
+    /// A (re-)list is complete: what one watcher holds but the list did not show is removed.
+    /// `scope` is a Secret watcher's `metadata.name=` selector.
+    fn relisted(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        scope: Option<&str>,
+        listed: &BTreeSet<String>,
+    ) {
         let held: Vec<String> = match kind {
             Kind::Service => keys(&self.services, namespace),
             Kind::Deployment => keys(&self.deployments, namespace),
-            // One watcher per Secret name: what it lists is all there is of that name.
-            Kind::Secret => Vec::new(),
+            // One watcher per Secret name: a list without it means the Secret is gone (deleted
+            // while the watch was down), and its digests must go with it.
+            Kind::Secret => scope
+                .and_then(|s| s.strip_prefix("metadata.name="))
+                .map(str::to_owned)
+                .into_iter()
+                .collect(),
         };
-        for gone in held.iter().filter(|n| !names.contains(*n)) {
+        for gone in held.iter().filter(|n| !listed.contains(*n)) {
             self.remove(kind, namespace, gone);
-        }
-        for object in objects {
-            self.put(kind, namespace, object);
         }
         self.changed.notify_one();
     }
@@ -247,11 +400,11 @@ impl Cache {
                     None => snapshot.remove_deployment(namespace, &name),
                 }
                 drop(snapshot);
-                write(&self.deployments).insert(key, value);
+                write(&self.deployments).insert(key, kept(&value));
             }
             Kind::Service => {
                 drop(snapshot);
-                write(&self.services).insert(key, value);
+                write(&self.services).insert(key, kept(&value));
             }
             Kind::Secret => snapshot.put_secret(namespace, &name, secret_digests(&value)),
         }
@@ -295,33 +448,27 @@ impl Cache {
                 watcher::Error::InitialListFailed(_) => "list",
                 _ => "watch",
             };
-            let what = match scope {
-                Some(s) => format!("{verb} {} ({s}) in {namespace}", kind.resource()),
-                None => format!("{verb} {} in {namespace}", kind.resource()),
+            let refusal = Refusal {
+                verb: verb.into(),
+                resource: kind.resource(),
+                scope: scope.map(str::to_owned),
+                namespace: namespace.to_owned(),
             };
-            if self.lock_forbidden().insert(what.clone()) {
+            let what = refusal.to_string();
+            if self.refuse(refusal) {
                 warn!(forbidden = %what, "The apiserver refused a watch: RBAC must allow it");
             }
         } else {
             warn!(resource = kind.resource(), %namespace, error = %e, "Watch failed; retrying");
         }
     }
-
-    /// A watcher listed successfully: whatever it was refused before is allowed now.
-    fn allowed(&self, kind: Kind, namespace: &str) {
-        let suffix = format!(" in {namespace}");
-        self.lock_forbidden()
-            .retain(|w| !(w.contains(kind.resource()) && w.ends_with(&suffix)));
-    }
 }
 
-fn write(
-    map: &RwLock<BTreeMap<(String, String), Value>>,
-) -> std::sync::RwLockWriteGuard<'_, BTreeMap<(String, String), Value>> {
+fn write(map: &Stored) -> std::sync::RwLockWriteGuard<'_, BTreeMap<(String, String), Arc<str>>> {
     map.write().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn keys(map: &RwLock<BTreeMap<(String, String), Value>>, namespace: &str) -> Vec<String> {
+fn keys(map: &Stored, namespace: &str) -> Vec<String> {
     map.read()
         .unwrap_or_else(PoisonError::into_inner)
         .keys()
@@ -330,9 +477,36 @@ fn keys(map: &RwLock<BTreeMap<(String, String), Value>>, namespace: &str) -> Vec
         .collect()
 }
 
+/// What the cache keeps of an outpost object: the fields the rules read, as compact JSON.
+fn kept(object: &Value) -> Arc<str> {
+    Arc::from(serde_json::to_string(&prune(object, &READS)).unwrap_or_default())
+}
+
+/// `value` with only what `keep` names: the paths admission's parser builds
+/// (`core::admission::prune`), taken from a tree rather than from the bytes. Every container
+/// keeps what the outpost container would, a superset of what the rules read.
+fn prune(value: &Value, keep: &Keep) -> Value {
+    match (keep, value) {
+        (Keep::Keys(keys), Value::Object(members)) => Value::Object(
+            keys.iter()
+                .filter_map(|(key, sub)| Some(((*key).to_owned(), prune(members.get(*key)?, sub))))
+                .collect(),
+        ),
+        (Keep::Each(sub), Value::Array(items)) => {
+            Value::Array(items.iter().map(|i| prune(i, sub)).collect())
+        }
+        (Keep::Containers, Value::Array(items)) => {
+            Value::Array(items.iter().map(|i| prune(i, &CONTAINER_READS)).collect())
+        }
+        // All, Labels, and a shape the rules do not expect: kept as it is, so they see it.
+        _ => value.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::mutate::{ObjectKind, mutate_in};
     use serde_json::json;
 
     fn deployment(name: &str, outpost: &str) -> Deployment {
@@ -347,6 +521,14 @@ mod tests {
                 "goauthentik.io/outpost-uuid": "0eecac0797c7443c892505f2f4fe3e47"}},
                 "template": {"spec": {"containers": []}}}
         }))
+        .unwrap()
+    }
+
+    fn goauthentik(data: &Value) -> Secret {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "goauthentik", "namespace": "authentik"},
+            "data": data}))
         .unwrap()
     }
 
@@ -368,7 +550,8 @@ mod tests {
         cache.remove(Kind::Deployment, "authentik", "a");
         assert_eq!(cache.standalone("authentik", &outpost("one")), Some(false));
         // A re-list drops what is no longer there.
-        cache.replace(Kind::Deployment, "authentik", &[deployment("c", "three")]);
+        cache.put(Kind::Deployment, "authentik", &deployment("c", "three"));
+        cache.relisted(Kind::Deployment, "authentik", None, &["c".into()].into());
         assert_eq!(cache.standalone("authentik", &outpost("two")), Some(false));
         assert_eq!(cache.standalone("authentik", &outpost("three")), Some(true));
         assert_eq!(cache.counts(), (1, 0, 0));
@@ -376,13 +559,40 @@ mod tests {
     }
 
     #[test]
+    fn an_object_is_kept_as_what_the_rules_read_and_decides_the_same() {
+        let policy = crate::core::policy::Policy::builtin().unwrap();
+        let fixture = |name: &str| -> Value {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(name);
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        };
+        let deployment = fixture("public-proxy-deployment.create.json");
+        let service = fixture("embedded-proxy-service.create.json");
+        let view = Snapshot::of([&deployment], "authentik");
+        for (kind, full) in [
+            (ObjectKind::Deployment, &deployment),
+            (ObjectKind::Service, &service),
+        ] {
+            let text = kept(full);
+            let pruned: Value = serde_json::from_str(&text).unwrap();
+            assert!(pruned.pointer("/metadata/managedFields").is_none());
+            assert!(pruned.get("status").is_none());
+            assert!(text.len() * 2 < full.to_string().len(), "{kind:?}");
+            for view in [&view as &dyn View, &crate::core::cluster::Off] {
+                assert_eq!(
+                    mutate_in(&policy, view, "authentik", kind, &pruned),
+                    mutate_in(&policy, view, "authentik", kind, full),
+                    "{kind:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn secrets_are_kept_as_digests_only() {
         let cache = Cache::default();
-        let secret: Secret = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "goauthentik", "namespace": "authentik"},
-            "data": {"AUTHENTIK_POSTGRESQL__PASSWORD": "aHVudGVyMg=="}}))
-        .unwrap();
+        let secret = goauthentik(&json!({"AUTHENTIK_POSTGRESQL__PASSWORD": "aHVudGVyMg=="}));
         cache.put(Kind::Secret, "authentik", &secret);
         let data = cache.secret("authentik", "goauthentik").unwrap();
         assert_eq!(
@@ -391,6 +601,49 @@ mod tests {
         );
         assert!(!format!("{cache:?}").contains("hunter2"));
         assert!(!format!("{cache:?}").contains("aHVudGVyMg"));
+    }
+
+    #[test]
+    fn a_secret_gone_from_a_relist_is_forgotten() {
+        let cache = Cache::default();
+        let secret = goauthentik(&json!({"K": "eA=="}));
+        let scope = Some("metadata.name=goauthentik");
+        cache.put(Kind::Secret, "authentik", &secret);
+        cache.relisted(
+            Kind::Secret,
+            "authentik",
+            scope,
+            &["goauthentik".into()].into(),
+        );
+        assert_eq!(cache.counts(), (0, 0, 1));
+        // Deleted while the watch was down: the next list is empty.
+        cache.relisted(Kind::Secret, "authentik", scope, &BTreeSet::new());
+        assert_eq!(cache.counts(), (0, 0, 0));
+        assert_eq!(
+            cache.secret("authentik", "goauthentik"),
+            Some(BTreeMap::new())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_secret_named_later_gets_a_watcher_once_and_readiness_waits_for_it() {
+        let (mock, _apiserver) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = Client::new(mock, "default");
+        let names = |n: &[&str]| n.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
+        let (cache, tasks) = Cache::spawn(&client, &["authentik".into()], &names(&["a"]));
+        // Deployments, Services, and Secret `a`: none has listed.
+        assert_eq!(tasks.len(), 3);
+        assert!(cache.follow_secrets(&client, &names(&["a"])).is_empty());
+        assert_eq!(cache.follow_secrets(&client, &names(&["a", "b"])).len(), 1);
+        assert!(cache.follow_secrets(&client, &names(&["b"])).is_empty());
+        assert_eq!(cache.unsynced.load(Ordering::Relaxed), 4);
+        assert!(!cache.ready());
+        for t in tasks {
+            t.abort();
+        }
     }
 
     #[test]
@@ -410,7 +663,12 @@ mod tests {
             cache.forbidden(),
             ["list secrets (metadata.name=goauthentik) in authentik"]
         );
-        cache.allowed(Kind::Secret, "authentik");
+        cache.allow(
+            &["list"],
+            "secrets",
+            Some("metadata.name=goauthentik"),
+            "authentik",
+        );
         assert!(cache.ready());
     }
 }
