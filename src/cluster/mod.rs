@@ -13,7 +13,6 @@ pub mod reconciler;
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use kube::{Client, Config};
-use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::info;
 
@@ -66,8 +65,6 @@ pub enum ClusterError {
     Infer(#[source] kube::config::InferConfigError),
     #[error("cannot build a Kubernetes client")]
     Client(#[source] kube::Error),
-    #[error("cannot set up the reconciler's Lease")]
-    Lease(#[source] LeaseManagerError),
 }
 
 /// The Lease's name in `lease_namespace`.
@@ -111,34 +108,6 @@ pub async fn client(mode: Mode) -> Result<Option<Client>, ClusterError> {
         .map_err(ClusterError::Client)
 }
 
-/// Holds the Lease in `namespace` while the process runs; the receiver says whether this replica
-/// holds it now.
-///
-/// # Errors
-/// When the Lease manager cannot be built.
-pub async fn elect(
-    client: Client,
-    namespace: &str,
-    identity: &str,
-) -> Result<(watch::Receiver<bool>, JoinHandle<()>), ClusterError> {
-    let manager = LeaseManagerBuilder::new(client, LEASE_NAME)
-        .with_namespace(namespace)
-        .with_identity(identity)
-        .with_duration(15)
-        .with_grace(5)
-        .with_field_manager(reconciler::FIELD_MANAGER)
-        .build()
-        .await
-        .map_err(ClusterError::Lease)?;
-    let (leader, task) = manager.watch().await;
-    let task = tokio::spawn(async move {
-        if let Ok(Err(e)) = task.await {
-            tracing::warn!(error = %e, "The Lease manager stopped");
-        }
-    });
-    Ok((leader, task))
-}
-
 /// The running cluster view: the cache admission reads, and its tasks.
 #[derive(Debug)]
 pub struct Running {
@@ -156,26 +125,27 @@ impl Running {
     }
 }
 
-/// Starts the watch cache, the Lease and the reconciler. `policy` returns the policy in force;
-/// `secrets` are the Secret names it reads (watched by name).
-///
-/// # Errors
-/// When the Lease manager cannot be built.
-pub async fn start(
+/// Starts the watch cache, the Lease and the reconciler, all in the background: nothing here
+/// waits for the apiserver, so admission starts even when it is down or refuses the Lease.
+/// `policy` returns the policy in force; `secrets` are the Secret names it reads (watched by
+/// name).
+pub fn start(
     client: Client,
     settings: &Settings,
     secrets: &BTreeSet<String>,
     policy: impl Fn() -> Arc<crate::core::policy::Policy> + Send + 'static,
     stop: watch::Receiver<bool>,
-) -> Result<Running, ClusterError> {
+) -> Running {
     let (cache, mut tasks) = Cache::spawn(&client, &settings.namespaces, secrets);
     let metrics = Arc::new(metrics::Metrics::default());
-    let (leader, lease) = elect(
+    let (leader, lease) = reconciler::hold_lease(
         client.clone(),
-        &settings.lease_namespace,
-        &settings.identity,
-    )
-    .await?;
+        settings.lease_namespace.clone(),
+        settings.identity.clone(),
+        Arc::clone(&cache),
+        settings.pace.max_backoff,
+        stop.clone(),
+    );
     tasks.push(lease);
     tasks.push(tokio::spawn(reconciler::run(
         client,
@@ -192,11 +162,11 @@ pub async fn start(
         identity = %settings.identity,
         "Watching the cluster"
     );
-    Ok(Running {
+    Running {
         cache,
         metrics,
         tasks,
-    })
+    }
 }
 
 /// How long a Lease lasts without renewal; another replica takes over after it.

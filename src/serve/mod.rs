@@ -242,7 +242,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 /// Starts the cluster view when `settings.mode` and the environment say so, and hands its cache
-/// to admission. Readiness waits for its first list.
+/// to admission. Readiness waits for its first list. Nothing here calls the apiserver: the
+/// watches and the Lease start in the background, so admission serves even while the apiserver
+/// is unreachable or refuses them.
 async fn start_cluster(
     settings: &crate::cluster::Settings,
     app: &Arc<App>,
@@ -259,8 +261,7 @@ async fn start_cluster(
         &secrets,
         move || policy_app.policy.current(),
         stop,
-    )
-    .await?;
+    );
     app.metrics.register_cluster(&running);
     let _ = app.cluster.set(Arc::clone(&running.cache));
     Ok(Some(running))
