@@ -55,9 +55,11 @@ fn b64(s: &str) -> String {
 struct World {
     registration: Option<Value>,
     objects: Vec<Value>,
-    logs: BTreeMap<String, String>,
+    logs: BTreeMap<String, Vec<u8>>,
     /// `verb resource` the apiserver refuses with 403.
     forbidden: Vec<&'static str>,
+    /// How the apiserver answers a dry-run PATCH when not with admission's object.
+    patch_answer: Option<(u16, &'static str)>,
 }
 
 impl World {
@@ -147,6 +149,7 @@ fn healthy(policy: &Policy) -> World {
         objects: vec![secret, api, deployment.clone(), server],
         logs: BTreeMap::new(),
         forbidden: Vec::new(),
+        patch_answer: None,
     };
     let deployment = world.admit(policy, ObjectKind::Deployment, &deployment);
     let service = world.admit(policy, ObjectKind::Service, &service);
@@ -168,8 +171,17 @@ fn healthy(policy: &Policy) -> World {
                "metadata": {"name": "outpost-webhook", "namespace": "outpost-webhook"},
                "spec": {"selector": {"app.kubernetes.io/name": "outpost-webhook"}}}),
         slice("outpost-webhook", "outpost-webhook", 2),
+        namespace(NS),
     ]);
+    for (i, o) in world.objects.iter_mut().enumerate() {
+        o["metadata"]["resourceVersion"] = json!(format!("{}", 1000 + i));
+    }
     world
+}
+
+fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace",
+           "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}})
 }
 
 fn percent_decode(s: &str) -> String {
@@ -226,17 +238,55 @@ fn status(code: u16, reason: &str) -> (StatusCode, Value) {
     )
 }
 
-/// Answers one request from `world`, as the apiserver would.
-fn answer(world: &World, policy: &Policy, request: &Request<Body>) -> (StatusCode, Value) {
-    let path = request.uri().path().to_owned();
-    let q = query(request);
+/// Whether the registration routes writes in `namespace` to the webhook (its `matchLabels`).
+fn routed(world: &World, namespace: &str) -> bool {
+    let Some(registration) = &world.registration else {
+        return false;
+    };
+    let labels = world
+        .objects
+        .iter()
+        .find(|o| o["kind"] == "Namespace" && o["metadata"]["name"] == namespace)
+        .map(|n| n["metadata"]["labels"].clone())
+        .unwrap_or_default();
+    registration["webhooks"][0]["namespaceSelector"]["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| labels[k] == *v)
+}
+
+/// Answers one request from `world`, as the apiserver would: a status and a JSON body, or the
+/// bytes of a log.
+fn answer(
+    world: &World,
+    policy: &Policy,
+    method: &Method,
+    path: &str,
+    q: &BTreeMap<String, String>,
+    body: &[u8],
+) -> (StatusCode, Result<Value, Vec<u8>>) {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let json = |(code, v): (StatusCode, Value)| (code, Ok(v));
+    if let ["api", "v1", "namespaces", name] = parts.as_slice() {
+        return json(
+            match world
+                .objects
+                .iter()
+                .find(|o| o["kind"] == "Namespace" && o["metadata"]["name"] == *name)
+            {
+                _ if world.forbidden.contains(&"get namespaces") => status(403, "Forbidden"),
+                Some(n) => (StatusCode::OK, n.clone()),
+                None => status(404, "NotFound"),
+            },
+        );
+    }
     // [api|apis, (group,) version, "namespaces", ns, resource, (name, (sub))]
     let (resource_at, cluster_scoped) = match parts.as_slice() {
         ["api", "v1", "namespaces", ..] => (4, false),
         ["apis", _, "v1", "namespaces", ..] => (5, false),
         ["apis", _, "v1", ..] => (3, true),
-        _ => return status(404, "NotFound"),
+        _ => return json(status(404, "NotFound")),
     };
     let resource = parts[resource_at];
     let name = parts.get(resource_at + 1).copied();
@@ -246,7 +296,7 @@ fn answer(world: &World, policy: &Policy, request: &Request<Body>) -> (StatusCod
     } else {
         parts[resource_at - 1]
     };
-    let verb = match (request.method(), name) {
+    let verb = match (method, name) {
         (&Method::GET, None) => "list",
         (&Method::GET, Some(_)) => "get",
         (&Method::PATCH, _) => "patch",
@@ -261,15 +311,15 @@ fn answer(world: &World, policy: &Policy, request: &Request<Body>) -> (StatusCod
         .forbidden
         .contains(&format!("{verb} {resource_name}").as_str())
     {
-        return status(403, "Forbidden");
+        return json(status(403, "Forbidden"));
     }
     if resource == "mutatingwebhookconfigurations" {
-        return match &world.registration {
+        return json(match &world.registration {
             Some(r) if Some(r["metadata"]["name"].as_str().unwrap()) == name => {
                 (StatusCode::OK, r.clone())
             }
             _ => status(404, "NotFound"),
-        };
+        });
     }
     let kind = match resource {
         "services" => "Service",
@@ -277,7 +327,7 @@ fn answer(world: &World, policy: &Policy, request: &Request<Body>) -> (StatusCod
         "pods" => "Pod",
         "endpointslices" => "EndpointSlice",
         "secrets" => "Secret",
-        _ => return status(404, "NotFound"),
+        _ => return json(status(404, "NotFound")),
     };
     let in_ns: Vec<Value> = world
         .kind(kind)
@@ -285,44 +335,79 @@ fn answer(world: &World, policy: &Policy, request: &Request<Body>) -> (StatusCod
         .filter(|o| o["metadata"]["namespace"] == namespace)
         .collect();
     let Some(name) = name else {
+        // As the apiserver lists: items carry no apiVersion or kind.
         let items: Vec<Value> = in_ns
             .into_iter()
             .filter(|o| matches_selector(o, q.get("labelSelector")))
+            .map(|mut o| {
+                let o2 = o.as_object_mut().unwrap();
+                o2.remove("apiVersion");
+                o2.remove("kind");
+                o
+            })
             .collect();
-        return (
+        return json((
             StatusCode::OK,
             json!({"apiVersion": "v1", "kind": format!("{kind}List"),
                    "metadata": {"resourceVersion": "1"}, "items": items}),
-        );
+        ));
     };
     let Some(object) = in_ns.into_iter().find(|o| o["metadata"]["name"] == name) else {
-        return status(404, "NotFound");
+        return json(status(404, "NotFound"));
     };
     if sub == Some("log") {
         return match world.logs.get(name) {
-            Some(text) => (StatusCode::OK, Value::String(text.clone())),
-            None => status(400, "BadRequest"),
+            Some(bytes) => (StatusCode::OK, Err(bytes.clone())),
+            None => json(status(400, "BadRequest")),
         };
     }
     if verb == "patch" {
-        assert_eq!(
-            q.get("dryRun").map(String::as_str),
-            Some("All"),
-            "doctor only dry-runs"
-        );
-        // The apiserver runs mutating admission on every write, a no-op PATCH included, when a
-        // registration routes the object to the webhook.
-        if world.registration.is_none() {
-            return (StatusCode::OK, object);
-        }
-        let kind = if kind == "Service" {
-            ObjectKind::Service
-        } else {
-            ObjectKind::Deployment
-        };
-        return (StatusCode::OK, world.admit(policy, kind, &object));
+        return json(dry_run(world, policy, kind, namespace, object, q, body));
     }
-    (StatusCode::OK, object)
+    json((StatusCode::OK, object))
+}
+
+/// A dry-run PATCH, as the apiserver answers it: admission's object, when the registration
+/// routes the namespace to the webhook.
+fn dry_run(
+    world: &World,
+    policy: &Policy,
+    kind: &str,
+    namespace: &str,
+    object: Value,
+    q: &BTreeMap<String, String>,
+    body: &[u8],
+) -> (StatusCode, Value) {
+    assert_eq!(
+        q.get("dryRun").map(String::as_str),
+        Some("All"),
+        "doctor only dry-runs"
+    );
+    // The patch changes nothing: it holds the listed resourceVersion, as a precondition.
+    let sent: Value = serde_json::from_slice(body).unwrap();
+    let version = &object["metadata"]["resourceVersion"];
+    let expected = if version.is_null() {
+        json!({})
+    } else {
+        json!({"metadata": {"resourceVersion": version}})
+    };
+    assert_eq!(sent, expected);
+    if let Some((code, message)) = world.patch_answer {
+        let (code, mut status) = status(code, "Refused");
+        status["message"] = json!(message);
+        return (code, status);
+    }
+    // The apiserver runs mutating admission on every write, a no-op PATCH included, when a
+    // registration routes the object to the webhook.
+    if !routed(world, namespace) {
+        return (StatusCode::OK, object);
+    }
+    let kind = if kind == "Service" {
+        ObjectKind::Service
+    } else {
+        ObjectKind::Deployment
+    };
+    (StatusCode::OK, world.admit(policy, kind, &object))
 }
 
 /// Runs `gather` against `world` served by the mock; returns what it read and every request,
@@ -350,10 +435,14 @@ async fn read(world: World, logs: bool) -> (Result<Inputs, InspectError>, Vec<St
                     "application/merge-patch+json"
                 );
             }
-            let (code, body) = answer(&world, &policy, &request);
+            let method = request.method().clone();
+            let path = request.uri().path().to_owned();
+            let q = query(&request);
+            let body = request.into_body().collect_bytes().await.unwrap();
+            let (code, body) = answer(&world, &policy, &method, &path, &q, &body);
             let bytes = match body {
-                Value::String(text) => text.into_bytes(),
-                other => serde_json::to_vec(&other).unwrap(),
+                Ok(value) => serde_json::to_vec(&value).unwrap(),
+                Err(bytes) => bytes,
             };
             send.send_response(
                 Response::builder()
@@ -488,6 +577,7 @@ async fn doctor_sends_reads_and_dry_runs_only_and_exactly_these() {
                 .to_owned(),
             "GET /api/v1/namespaces/outpost-webhook/services/outpost-webhook".into(),
             "GET /apis/discovery.k8s.io/v1/namespaces/outpost-webhook/endpointslices?&labelSelector=kubernetes.io%2Fservice-name%3Doutpost-webhook".into(),
+            format!("GET /api/v1/namespaces/{NS}"),
             format!("GET {svc}?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dgoauthentik.io"),
             format!("GET {deploy}?"),
             format!("GET /api/v1/namespaces/{NS}/pods?"),
@@ -695,11 +785,22 @@ async fn logs_report_the_session_backend_and_warn_on_filesystem() {
     let mode = r#"{"embedded":true,"event":"Outpost mode","level":"info"}"#;
     world.logs.insert(
         format!("{OUTPOST}-7c9f-a"),
-        format!("{mode}\n{{\"event\":\"using PostgreSQL session backend\",\"level\":\"info\"}}\n"),
+        format!("{mode}\n{{\"event\":\"using PostgreSQL session backend\",\"level\":\"info\"}}\n")
+            .into_bytes(),
     );
     world.logs.insert(
         format!("{OUTPOST}-7c9f-b"),
-        format!("{mode}\nnot json\n{{\"event\":\"using filesystem session backend\"}}\n"),
+        // `limitBytes` cut the last line in the middle of a character.
+        [
+            format!("{mode}\nnot json\n{{\"event\":\"using filesystem session backend\"}}\n")
+                .as_bytes(),
+            "{\"event\":\"caf\u{e9}".as_bytes(),
+        ]
+        .concat()[..]
+            .split_last()
+            .unwrap()
+            .1
+            .to_vec(),
     );
     let (findings, code) = doctor_with(world, true).await;
     assert_eq!(code, 0);
@@ -748,25 +849,99 @@ async fn a_refused_read_names_the_verb_and_resource() {
 }
 
 #[tokio::test]
-async fn a_webhook_that_refuses_is_a_dry_run_failure() {
-    let world = healthy(&Policy::builtin().unwrap());
-    let policy = Policy::builtin().unwrap();
+async fn a_webhook_that_cannot_be_called_is_a_dry_run_failure() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    // The apiserver's answer when the webhook cannot be called and failurePolicy is Fail.
+    world.patch_answer = Some((
+        500,
+        "Internal error occurred: failed calling webhook \"outposts.outpost-webhook.io\"",
+    ));
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 1);
+    let f = finding(&findings, Check::AdmissionDryRun);
+    assert_eq!(f.severity, Severity::Fail);
+    assert!(
+        f.message.contains("failed calling webhook"),
+        "{}",
+        f.message
+    );
+}
+
+#[tokio::test]
+async fn a_denying_webhook_is_a_finding_not_missing_rbac() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    world.patch_answer = Some((
+        403,
+        "admission webhook \"validate.kyverno.svc\" denied the request: no",
+    ));
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 1);
+    let f = finding(&findings, Check::AdmissionDryRun);
+    assert!(f.message.contains("kyverno"), "{}", f.message);
+}
+
+#[tokio::test]
+async fn an_object_written_during_the_check_is_a_warning() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    world.patch_answer = Some((409, "the object has been modified"));
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 0, "{}", report(&findings));
+    assert_eq!(
+        finding(&findings, Check::AdmissionDryRun).severity,
+        Severity::Warn
+    );
+}
+
+#[tokio::test]
+async fn a_namespace_the_registration_skips_is_a_failure_not_a_false_pass() {
+    let mut world = healthy(&Policy::builtin().unwrap());
+    world.registration.as_mut().unwrap()["webhooks"][0]["namespaceSelector"] =
+        json!({"matchLabels": {"kubernetes.io/metadata.name": "identity"}});
+    // Written while the webhook never saw it: the controller's selector and no injected env.
+    *world.find_mut("Deployment", OUTPOST) = fixture("embedded-proxy-deployment.create.json");
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 1);
+    let f = finding(&findings, Check::RegistrationNamespaces);
+    assert_eq!(f.severity, Severity::Fail);
+    assert!(f.message.contains("namespace authentik"), "{}", f.message);
+
+    // A caller who may not read Namespaces gets every other check.
+    let mut world = healthy(&Policy::builtin().unwrap());
+    world.forbidden.push("get namespaces");
+    let (findings, code) = doctor(world).await;
+    assert_eq!(code, 0, "{}", report(&findings));
+    assert!(
+        !findings
+            .iter()
+            .any(|f| f.check == Check::RegistrationNamespaces)
+    );
+}
+
+#[tokio::test]
+async fn env_the_apiserver_defaulted_still_matches_the_policy() {
+    let yaml = r"rules:
+  - match: {}
+    deployment:
+      env:
+        - name: POD_IP
+          valueFrom: {fieldRef: {fieldPath: status.podIP}}
+";
+    let policy = Policy::from_yaml("p.yaml", yaml).unwrap();
+    let mut world = healthy(&policy);
+    let env =
+        world.find_mut("Deployment", OUTPOST)["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array_mut()
+            .unwrap();
+    // The apiserver stored the entry with its default apiVersion.
+    for e in env.iter_mut().filter(|e| e["name"] == "POD_IP") {
+        e["valueFrom"]["fieldRef"]["apiVersion"] = json!("v1");
+    }
     let (inputs, _) = read(world, false).await;
     let mut inputs = inputs.unwrap();
-    let key = (ObjectKind::Service, NS.to_owned(), OUTPOST.to_owned());
-    // The apiserver's answer when the webhook cannot be called and failurePolicy is Fail.
-    inputs.dry_runs.insert(
-        key,
-        Err(
-            "Internal error occurred: failed calling webhook \"outposts.outpost-webhook.io\""
-                .into(),
-        ),
-    );
     inputs.expected = expected();
     let findings = doctor::check(&policy, &inputs);
-    assert!(
-        fails(&findings).contains(&(Check::AdmissionDryRun, format!("Service/{NS}/{OUTPOST}")))
-    );
+    let f = finding(&findings, Check::DeploymentEnv);
+    assert_eq!(f.severity, Severity::Ok, "{}", report(&findings));
 }
 
 // ---- The binary against an apiserver that is not there ---------------------------------------

@@ -15,12 +15,12 @@ use std::{
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
     apps::v1::Deployment,
-    core::v1::{Pod, Secret, Service},
+    core::v1::{Namespace, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
     Api, Client,
-    api::{ListParams, LogParams, Patch, PatchParams},
+    api::{ApiResource, DynamicObject, ListParams, LogParams, Patch, PatchParams, TypeMeta},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use crate::{
     core::{
         cluster::{deployment_selector, secret_digests},
-        doctor::Inputs,
+        doctor::{DryRun, Inputs},
         mutate::{ObjectKind, identify_outpost, outpost_container},
     },
     k8s::{MANAGED_BY, MANAGED_BY_AUTHENTIK},
@@ -58,6 +58,17 @@ const LOG_BYTES: i64 = 64 * 1024;
 pub enum InspectError {
     #[error("cannot reach the apiserver: {0}")]
     Unreachable(String),
+    #[error(
+        "the apiserver does not accept these credentials (401): log in again, or check the \
+         kubeconfig's user"
+    )]
+    Unauthorized,
+    #[error("cannot read the apiserver's answer to `{verb} {resource}`: {message}")]
+    Answer {
+        verb: &'static str,
+        resource: &'static str,
+        message: String,
+    },
     #[error(
         "the apiserver refuses `{verb} {resource}`{}: doctor needs it (read-only, plus a dry-run \
          patch); ask for a Role that allows it",
@@ -94,7 +105,8 @@ impl What<'_> {
     fn error(self, e: kube::Error) -> InspectError {
         let namespace = self.namespace.map(str::to_owned);
         match e {
-            kube::Error::Api(s) if s.code == 401 || s.code == 403 => InspectError::Forbidden {
+            kube::Error::Api(s) if s.code == 401 => InspectError::Unauthorized,
+            kube::Error::Api(s) if s.code == 403 => InspectError::Forbidden {
                 verb: self.verb,
                 resource: self.resource,
                 namespace,
@@ -106,7 +118,14 @@ impl What<'_> {
                 code: s.code,
                 message: s.message.clone(),
             },
-            other => InspectError::Unreachable(crate::core::one_line(&error_chain(&other))),
+            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::HttpError(_) => {
+                InspectError::Unreachable(crate::core::one_line(&error_chain(&e)))
+            }
+            other => InspectError::Answer {
+                verb: self.verb,
+                resource: self.resource,
+                message: crate::core::one_line(&error_chain(&other)),
+            },
         }
     }
 }
@@ -150,6 +169,41 @@ where
 {
     let list = api.list(params).await.map_err(|e| what.error(e))?;
     Ok(to_values(list.items))
+}
+
+/// Services and Deployments are read untyped: the dry run's answer is compared with what is
+/// stored, and a typed round trip would drop the fields k8s-openapi does not know.
+fn untyped<K: kube::Resource<DynamicType = ()>>(
+    client: &Client,
+    namespace: &str,
+) -> (Api<DynamicObject>, ApiResource) {
+    let resource = ApiResource::erase::<K>(&());
+    (
+        Api::namespaced_with(client.clone(), namespace, &resource),
+        resource,
+    )
+}
+
+/// `object` as JSON, with the `apiVersion` and `kind` a list's items leave out.
+fn untyped_value(mut object: DynamicObject, resource: &ApiResource) -> Option<Value> {
+    object.types.get_or_insert_with(|| TypeMeta {
+        api_version: resource.api_version.clone(),
+        kind: resource.kind.clone(),
+    });
+    serde_json::to_value(object).ok()
+}
+
+async fn list_untyped(
+    (api, resource): &(Api<DynamicObject>, ApiResource),
+    params: &ListParams,
+    what: What<'_>,
+) -> Result<Vec<Value>, InspectError> {
+    let list = api.list(params).await.map_err(|e| what.error(e))?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|o| untyped_value(o, resource))
+        .collect())
 }
 
 /// Reads everything `doctor` checks. `now` and the expected registration are the caller's.
@@ -209,14 +263,27 @@ pub async fn gather(client: &Client, scope: &Scope) -> Result<Inputs, InspectErr
         let outposts =
             ListParams::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_AUTHENTIK}"));
         let all = ListParams::default();
-        let services = Api::<Service>::namespaced(client.clone(), ns);
+        // The namespace's labels, for the registration's namespaceSelector. Optional: a caller
+        // who may not read Namespaces gets every other check.
+        let namespaces = Api::<Namespace>::all(client.clone());
+        match namespaces.get_opt(ns).await {
+            Ok(Some(namespace)) => {
+                inputs
+                    .namespace_labels
+                    .insert(ns.clone(), namespace.metadata.labels.unwrap_or_default());
+            }
+            Ok(None) => {}
+            Err(kube::Error::Api(s)) if s.code == 403 => {}
+            Err(e) => return Err(at("get", "namespaces").error(e)),
+        }
+        let services = untyped::<Service>(client, ns);
         inputs
             .services
-            .extend(list(&services, &outposts, at("list", "services")).await?);
-        let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
+            .extend(list_untyped(&services, &outposts, at("list", "services")).await?);
+        let deployments = untyped::<Deployment>(client, ns);
         inputs
             .deployments
-            .extend(list(&deployments, &all, at("list", "deployments")).await?);
+            .extend(list_untyped(&deployments, &all, at("list", "deployments")).await?);
         let pods = Api::<Pod>::namespaced(client.clone(), ns);
         inputs
             .pods
@@ -293,14 +360,15 @@ fn secret_names(scope: &Scope, deployments: &[Value], namespace: &str) -> BTreeS
 }
 
 /// A no-op dry-run PATCH of each outpost object: the apiserver runs admission (this webhook) on
-/// it as on any write, and answers with what it would store.
+/// it as on any write, and answers with what it would store. The patch holds only the listed
+/// `resourceVersion`, a precondition: a write in between (an HPA, the controller) is a conflict,
+/// not a difference to blame on the webhook.
 async fn dry_runs(client: &Client, inputs: &mut Inputs) -> Result<(), InspectError> {
     let params = PatchParams {
         dry_run: true,
         ..PatchParams::default()
     };
-    let nothing: Patch<Value> = Patch::Merge(json!({}));
-    let objects: Vec<(ObjectKind, String, String)> = inputs
+    let objects: Vec<(ObjectKind, String, String, Option<String>)> = inputs
         .services
         .iter()
         .map(|s| (ObjectKind::Service, s))
@@ -312,46 +380,54 @@ async fn dry_runs(client: &Client, inputs: &mut Inputs) -> Result<(), InspectErr
         )
         .filter(|(_, o)| identify_outpost(o).is_some())
         .map(|(kind, o)| {
-            let text = |p: &str| {
-                o.pointer(p)
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            (kind, text("/metadata/namespace"), text("/metadata/name"))
+            let text = |p: &str| o.pointer(p).and_then(Value::as_str).map(str::to_owned);
+            (
+                kind,
+                text("/metadata/namespace").unwrap_or_default(),
+                text("/metadata/name").unwrap_or_default(),
+                text("/metadata/resourceVersion"),
+            )
         })
         .collect();
-    for (kind, namespace, name) in objects {
+    for (kind, namespace, name, version) in objects {
+        let (resource, api) = match kind {
+            ObjectKind::Service => ("services", untyped::<Service>(client, &namespace)),
+            ObjectKind::Deployment => ("deployments", untyped::<Deployment>(client, &namespace)),
+        };
         let what = What {
             verb: "patch",
-            resource: match kind {
-                ObjectKind::Service => "services",
-                ObjectKind::Deployment => "deployments",
-            },
+            resource,
             namespace: Some(&namespace),
         };
-        let result = match kind {
-            ObjectKind::Service => Api::<Service>::namespaced(client.clone(), &namespace)
-                .patch(&name, &params, &nothing)
-                .await
-                .map(|o| serde_json::to_value(o).unwrap_or_default()),
-            ObjectKind::Deployment => Api::<Deployment>::namespaced(client.clone(), &namespace)
-                .patch(&name, &params, &nothing)
-                .await
-                .map(|o| serde_json::to_value(o).unwrap_or_default()),
-        };
-        let answer = match result {
-            Ok(v) => Ok(v),
-            // A refused dry run is a finding (the webhook is down or denies), unless RBAC
-            // refused it: then doctor cannot check admission at all.
+        let patch: Patch<Value> = Patch::Merge(match version {
+            Some(v) => json!({"metadata": {"resourceVersion": v}}),
+            None => json!({}),
+        });
+        let answer = match api.0.patch(&name, &params, &patch).await {
+            Ok(o) => untyped_value(o, &api.1).map_or_else(
+                || DryRun::Refused("the answer is not an object".into()),
+                DryRun::Returned,
+            ),
+            Err(kube::Error::Api(s)) if s.code == 409 => DryRun::Conflict,
+            // A webhook or admission policy that denies the write answers 403 too; that is a
+            // finding about admission, not a permission doctor lacks.
+            Err(kube::Error::Api(s)) if s.code == 403 && denied_by_admission(&s.message) => {
+                DryRun::Refused(crate::core::one_line(&s.message))
+            }
             Err(kube::Error::Api(s)) if s.code != 401 && s.code != 403 => {
-                Err(crate::core::one_line(&s.message))
+                DryRun::Refused(crate::core::one_line(&s.message))
             }
             Err(e) => return Err(what.error(e)),
         };
         inputs.dry_runs.insert((kind, namespace, name), answer);
     }
     Ok(())
+}
+
+/// Whether a 403's message is admission's (a webhook, or a `ValidatingAdmissionPolicy`), not
+/// RBAC's.
+fn denied_by_admission(message: &str) -> bool {
+    message.contains("admission webhook") || message.contains("ValidatingAdmissionPolicy")
 }
 
 /// The start of each outpost pod's log, from its outpost container.
@@ -400,6 +476,11 @@ async fn logs(
             };
             match api.logs(name, &params).await {
                 Ok(text) => {
+                    out.insert((namespace.to_owned(), name.to_owned()), text);
+                }
+                // `limitBytes` may cut a character in two: keep what reads.
+                Err(kube::Error::FromUtf8(e)) => {
+                    let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
                     out.insert((namespace.to_owned(), name.to_owned()), text);
                 }
                 // A pod that has not started has no log yet: nothing to say of it.

@@ -32,11 +32,6 @@ pub struct DoctorArgs {
     /// The MutatingWebhookConfiguration's name.
     #[arg(long, value_name = "NAME", default_value = "outpost-webhook")]
     pub registration: String,
-    /// The labels the registration's namespaceSelector should match, as for `webhook-config`.
-    /// Default: `kubernetes.io/metadata.name=<NS>` when one namespace is checked; not compared
-    /// when several are.
-    #[arg(long, value_name = "SELECTOR")]
-    pub namespace_selector: Option<String>,
     /// The policy the webhook runs, to compare the Deployments with (default: the built-in one).
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -81,6 +76,8 @@ pub enum DoctorError {
         #[source]
         source: InspectError,
     },
+    #[error("doctor cannot run: the policy")]
+    Policy(#[source] Box<Error>),
     #[error("doctor cannot run: cannot start a runtime")]
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
@@ -103,8 +100,9 @@ impl DoctorError {
 /// # Errors
 /// [`DoctorError::Failed`] when a check failed; the others when it could not run.
 pub fn execute(args: &DoctorArgs) -> Result<(), Error> {
-    let policy = load_policy(args.policy.as_deref())?;
-    let expected = expected_registration(args)?;
+    let policy =
+        load_policy(args.policy.as_deref()).map_err(|e| DoctorError::Policy(Box::new(e)))?;
+    let expected = expected_registration()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -165,27 +163,11 @@ async fn client(context: Option<&str>) -> Result<(kube::Client, String), DoctorE
     Ok((client, url))
 }
 
-/// What `webhook-config` renders, with the namespaceSelector for the checked namespaces.
-fn expected_registration(args: &DoctorArgs) -> Result<serde_json::Value, DoctorError> {
-    let selector = match (&args.namespace_selector, args.namespaces.as_slice()) {
-        (Some(s), _) => Some(s.clone()),
-        (None, [one]) => Some(format!("kubernetes.io/metadata.name={one}")),
-        (None, _) => None,
-    };
-    let yaml = render(&Options {
-        namespace_selector: selector.clone(),
-        ..Options::shipped(None)
-    })?;
-    let mut doc: serde_json::Value =
-        serde_saphyr::from_str(&yaml).map_err(|e| WebhookConfigError::Write(e.to_string()))?;
-    if selector.is_none()
-        && let Some(hooks) = doc.get_mut("webhooks").and_then(|w| w.as_array_mut())
-    {
-        for hook in hooks.iter_mut().filter_map(|h| h.as_object_mut()) {
-            hook.remove("namespaceSelector");
-        }
-    }
-    Ok(doc)
+/// What `webhook-config` renders (its `namespaceSelector` is checked against each namespace's
+/// labels, not compared).
+fn expected_registration() -> Result<serde_json::Value, DoctorError> {
+    let yaml = render(&Options::shipped(None))?;
+    Ok(serde_saphyr::from_str(&yaml).map_err(|e| WebhookConfigError::Write(e.to_string()))?)
 }
 
 fn now() -> i64 {

@@ -21,6 +21,7 @@ use super::{
         ObjectKind, identify_outpost, mutate_in, outpost_container, pod_selector, secret_checksum,
     },
     policy::{Outpost, Policy},
+    quantity::{Quantity, covers},
 };
 use crate::{
     k8s::{
@@ -55,6 +56,7 @@ impl Severity {
 pub enum Check {
     RegistrationExists,
     RegistrationMatches,
+    RegistrationNamespaces,
     RegistrationCaBundle,
     RegistrationCaExpiry,
     RegistrationService,
@@ -79,6 +81,7 @@ impl Check {
         match self {
             Self::RegistrationExists => "registration.exists",
             Self::RegistrationMatches => "registration.matches",
+            Self::RegistrationNamespaces => "registration.namespaces",
             Self::RegistrationCaBundle => "registration.ca-bundle",
             Self::RegistrationCaExpiry => "registration.ca-expiry",
             Self::RegistrationService => "registration.service",
@@ -138,6 +141,17 @@ pub type Digests = BTreeMap<String, [u8; 32]>;
 /// A dry run's object: kind, namespace, name.
 pub type DryRunKey = (ObjectKind, String, String);
 
+/// What a no-op dry-run PATCH of an outpost object got back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DryRun {
+    /// The object admission made of it.
+    Returned(Value),
+    /// The apiserver refused it (a webhook down or denying, say), with its message.
+    Refused(String),
+    /// The object changed between the list and the dry run.
+    Conflict,
+}
+
 /// What `doctor` read of the cluster. Secrets are held as digests of their data by key: the
 /// checks need key names and whether data changed, never a value.
 #[derive(Debug, Clone, Default)]
@@ -165,8 +179,11 @@ pub struct Inputs {
     /// Each Secret read, by (namespace, name): the digest of each key's data; `None` when it
     /// does not exist.
     pub secrets: BTreeMap<(String, String), Option<Digests>>,
-    /// What a no-op dry-run PATCH returned for each outpost object, or the apiserver's error.
-    pub dry_runs: BTreeMap<DryRunKey, Result<Value, String>>,
+    /// What a no-op dry-run PATCH of each outpost object got back.
+    pub dry_runs: BTreeMap<DryRunKey, DryRun>,
+    /// The labels of each namespace that could be read, for the registration's
+    /// `namespaceSelector`.
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// With `--logs`: the start of each outpost pod's log, by (namespace, pod).
     pub logs: Option<BTreeMap<(String, String), String>>,
 }
@@ -275,6 +292,7 @@ fn registration(inputs: &Inputs) -> Vec<Finding> {
             continue;
         };
         out.push(matches(&finding, name, &want, have));
+        out.extend(selects_namespaces(&finding, inputs, name, have));
         out.extend(ca_bundle(&finding, inputs.now, have));
         out.push(service_reference(&finding, inputs, have));
     }
@@ -292,7 +310,8 @@ fn matches(
         .as_object()
         .into_iter()
         .flatten()
-        .filter(|(k, _)| k.as_str() != "clientConfig")
+        // Which namespaces are the operator's choice: checked against each namespace instead.
+        .filter(|(k, _)| !matches!(k.as_str(), "clientConfig" | "namespaceSelector"))
         .filter(|(k, v)| have.get(k.as_str()) != Some(*v))
         .map(|(k, v)| match (v, have.get(k.as_str())) {
             (Value::String(w), Some(Value::String(h))) => format!("{k} is {h}, want {w}"),
@@ -304,7 +323,9 @@ fn matches(
         finding(
             Check::RegistrationMatches,
             Severity::Ok,
-            format!("webhook {name} matches `webhook-config`: rules, selectors, failurePolicy"),
+            format!(
+                "webhook {name} matches `webhook-config`: rules, objectSelector, matchConditions, failurePolicy"
+            ),
         )
     } else {
         finding(
@@ -317,6 +338,79 @@ fn matches(
             ),
         )
     }
+}
+
+/// The webhook's `namespaceSelector` selects every checked namespace whose labels could be read:
+/// in a namespace it skips, outpost writes go unfixed, and a dry run there proves nothing.
+fn selects_namespaces(
+    finding: &impl Fn(Check, Severity, String) -> Finding,
+    inputs: &Inputs,
+    name: &str,
+    webhook: &Value,
+) -> Vec<Finding> {
+    let selector = webhook.get("namespaceSelector");
+    inputs
+        .namespaces
+        .iter()
+        .filter_map(|ns| Some((ns, inputs.namespace_labels.get(ns)?)))
+        .map(|(ns, labels)| {
+            if label_selector_matches(selector, labels) {
+                finding(
+                    Check::RegistrationNamespaces,
+                    Severity::Ok,
+                    format!("webhook {name} sees namespace {ns}"),
+                )
+            } else {
+                finding(
+                    Check::RegistrationNamespaces,
+                    Severity::Fail,
+                    format!(
+                        "webhook {name}'s namespaceSelector does not select namespace {ns}: its \
+                         outposts are never fixed. Set it (`webhook-config --namespace-selector`) \
+                         to labels namespace {ns} has"
+                    ),
+                )
+            }
+        })
+        .collect()
+}
+
+/// A Kubernetes `LabelSelector` (`matchLabels` and `matchExpressions`) against `labels`; an
+/// absent or empty selector selects everything, as the apiserver reads it.
+fn label_selector_matches(selector: Option<&Value>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(selector) = selector else {
+        return true;
+    };
+    let match_labels = selector
+        .get("matchLabels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str());
+    let expressions = selector
+        .get("matchExpressions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .all(|e| {
+            let key = e.get("key").and_then(Value::as_str).unwrap_or_default();
+            let values: Vec<&str> = e
+                .get("values")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let have = labels.get(key).map(String::as_str);
+            match e.get("operator").and_then(Value::as_str) {
+                Some("In") => have.is_some_and(|h| values.contains(&h)),
+                Some("NotIn") => have.is_none_or(|h| !values.contains(&h)),
+                Some("Exists") => have.is_some(),
+                Some("DoesNotExist") => have.is_none(),
+                _ => false,
+            }
+        });
+    match_labels && expressions
 }
 
 /// The CA bundle holds CA certificates only, none expired; a private key is a failure.
@@ -646,7 +740,9 @@ fn deployment(
         let different: Vec<&str> = fix
             .env
             .iter()
-            .filter(|k| env_named(&k.key).is_some_and(|e| **e != k.value))
+            // As admission compares: the stored entry may carry what the apiserver defaults
+            // (`fieldRef.apiVersion`, say) beside what the policy says.
+            .filter(|k| env_named(&k.key).is_some_and(|e| !covers(e, &k.value, Quantity::No)))
             .map(|k| k.key.as_str())
             .collect();
         out.push(if missing.is_empty() && different.is_empty() {
@@ -711,18 +807,25 @@ fn dry_run(
     converge: &str,
 ) -> Vec<Finding> {
     let key = (kind, namespace.to_owned(), name.to_owned());
-    let Some(result) = inputs.dry_runs.get(&key) else {
-        return Vec::new();
-    };
-    let returned = match result {
-        Ok(v) => v,
-        Err(e) => {
+    let returned = match inputs.dry_runs.get(&key) {
+        None => return Vec::new(),
+        Some(DryRun::Returned(v)) => v,
+        Some(DryRun::Conflict) => {
+            return vec![about.say(
+                Check::AdmissionDryRun,
+                Severity::Warn,
+                "the object changed while doctor read it (another writer, an HPA?): run doctor \
+                 again"
+                    .into(),
+            )];
+        }
+        Some(DryRun::Refused(e)) => {
             return vec![about.say(
                 Check::AdmissionDryRun,
                 Severity::Fail,
                 format!(
-                    "a dry-run PATCH was refused: {e}. Outpost writes fail the same way: is the \
-                     webhook running and its registration right?"
+                    "a dry-run PATCH was refused: {e}. Outpost writes are refused the same way: \
+                     is the webhook running, and does another webhook or policy deny them?"
                 ),
             )];
         }
@@ -788,7 +891,7 @@ fn secret_refs(
         let var = e.get("name").and_then(Value::as_str).unwrap_or_default();
         checked += 1;
         let problem = match keys(secret) {
-            None => return Vec::new(), // not read: nothing can be said
+            None => continue, // not read: nothing can be said of it
             Some(None) => Some(format!("{var}: Secret {secret} does not exist")),
             Some(Some(data)) if !data.contains_key(key) => {
                 Some(format!("{var}: Secret {secret} has no key {key}"))
@@ -1024,8 +1127,8 @@ fn logs(
             None => pod_about.say(
                 Check::PodSessionBackend,
                 Severity::Warn,
-                "no session backend line at the start of the log (restarted long ago, or \
-                 another log format)"
+                "no session backend line at the start of the log (rotated away: the kubelet \
+                 serves only the current file; or another log format)"
                     .into(),
             ),
         });
