@@ -79,6 +79,33 @@ pub struct Request {
     pub object: Option<Value>,
     #[serde(default)]
     pub dry_run: bool,
+    /// The object held more values in the fields the rules read than are built
+    /// ([`prune::MAX_KEPT_VALUES`]); `object` is then `None`.
+    #[serde(skip)]
+    pub too_large: bool,
+}
+
+/// The envelope alone, read again when the object was too large to build: enough to answer.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    request: EnvelopeRequest,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EnvelopeRequest {
+    uid: String,
+    kind: GroupVersionKind,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    operation: Operation,
+    #[serde(default)]
+    dry_run: bool,
 }
 
 impl Request {
@@ -116,13 +143,33 @@ pub fn parse(body: &[u8]) -> Result<Request, ReviewError> {
     // JSON is UTF-8 (RFC 8259). serde_json checks only the strings it keeps, so check it all.
     let text =
         std::str::from_utf8(body).map_err(|e| ReviewError::NotJson(format!("not UTF-8: {e}")))?;
-    let review: Review = serde_json::from_str(text).map_err(|e| {
-        if e.is_data() {
-            ReviewError::Shape(e.to_string())
-        } else {
-            ReviewError::NotJson(e.to_string())
+    let review: Review = match serde_json::from_str(text) {
+        Ok(review) => review,
+        // Too large to build is not malformed: answer it (allowed, unpatched), or the apiserver
+        // would refuse the write. The second read skips the object without building it.
+        Err(e) if e.is_data() && e.to_string().contains(prune::TOO_MANY_VALUES) => {
+            let envelope: Envelope =
+                serde_json::from_str(text).map_err(|e| ReviewError::Shape(e.to_string()))?;
+            let r = envelope.request;
+            Review {
+                api_version: Some(API_VERSION.into()),
+                kind: Some(KIND.into()),
+                request: Some(Request {
+                    uid: r.uid,
+                    kind: r.kind,
+                    sub_resource: r.sub_resource,
+                    name: r.name,
+                    namespace: r.namespace,
+                    operation: r.operation,
+                    object: None,
+                    dry_run: r.dry_run,
+                    too_large: true,
+                }),
+            }
         }
-    })?;
+        Err(e) if e.is_data() => return Err(ReviewError::Shape(e.to_string())),
+        Err(e) => return Err(ReviewError::NotJson(e.to_string())),
+    };
     // serde would also read a struct from a JSON array; an AdmissionReview is an object.
     if text.trim_start().as_bytes().first() != Some(&b'{') {
         return Err(ReviewError::Shape("expected a JSON object".into()));
@@ -146,6 +193,17 @@ pub fn parse(body: &[u8]) -> Result<Request, ReviewError> {
 /// exactly the same answer: the webhook has no side effects (`sideEffects: None`).
 #[must_use]
 pub fn decide(policy: &Policy, view: &dyn View, request: &Request) -> Outcome {
+    if request.too_large {
+        return Outcome {
+            verdict: mutate::Verdict::Unfixable,
+            ops: Vec::new(),
+            warnings: vec![format!(
+                "this {} is not fixed: it has over {} values in the fields outpost-webhook reads",
+                request.kind.kind,
+                prune::MAX_KEPT_VALUES
+            )],
+        };
+    }
     mutate::mutate(policy, view, &request.as_core())
 }
 
@@ -335,7 +393,7 @@ mod tests {
     }
 
     #[test]
-    fn a_kept_array_past_the_cap_is_refused_and_one_within_it_is_read() {
+    fn a_kept_array_past_the_cap_is_answered_unbuilt_and_one_within_it_is_read() {
         let with_env = |n: usize| {
             let env: Vec<Value> = (0..n)
                 .map(|i| json!({"name": format!("V{i}"), "value": "x"}))
@@ -350,17 +408,27 @@ mod tests {
         let request = parse(&with_env(100)).unwrap();
         let kept = &request.object.unwrap()["spec"]["template"]["spec"]["containers"][0]["env"];
         assert_eq!(kept.as_array().unwrap().len(), 100);
-        // 100,000 entries (a 4 MB array) are refused, not built.
-        let e = parse(&with_env(100_000)).unwrap_err();
-        assert!(
-            matches!(&e, ReviewError::Shape(m) if m.contains("more than 2048 values")),
-            "{e}"
-        );
+        // 100,000 entries (a 4 MB array) are not built: the review is answered, allowed and
+        // unpatched, with a warning, so the write goes through.
+        let policy = Policy::builtin().unwrap();
+        let (request, outcome, answer) = review(&policy, &with_env(100_000)).unwrap();
+        assert!(request.too_large && request.object.is_none());
+        assert_eq!(request.uid, service_review()["request"]["uid"]);
+        assert_eq!(outcome.verdict, mutate::Verdict::Unfixable);
+        assert!(outcome.ops.is_empty());
+        assert!(outcome.warnings[0].len() <= 120, "{}", outcome.warnings[0]);
+        let answer: Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(answer["response"].get("patch").is_none());
         // So are as many labels.
         let mut r = service_review();
         let labels: serde_json::Map<String, Value> =
             (0..5000).map(|i| (format!("k{i}"), json!("v"))).collect();
         r["request"]["object"]["metadata"]["labels"] = Value::Object(labels);
+        assert!(parse(&body(&r)).unwrap().too_large);
+        // A malformed envelope beside a large object is still a bad request.
+        let mut r = serde_json::from_slice::<Value>(&with_env(100_000)).unwrap();
+        r["request"]["operation"] = json!("EXPLODE");
         assert!(matches!(parse(&body(&r)), Err(ReviewError::Shape(_))));
     }
 

@@ -7,8 +7,9 @@
 //!
 //! What is kept is bounded too: at most [`MAX_KEPT_VALUES`] values are built from one object,
 //! whatever the body holds. A 6 MB `env` array in the outpost container would otherwise become a
-//! tree of about 13 times its size; past the cap the review is refused as a bad shape (400), and
-//! only the first [`MAX_KEPT_VALUES`] values were ever built.
+//! tree of about 13 times its size; past the cap the object is not built (only the first
+//! [`MAX_KEPT_VALUES`] values ever were), and the review is answered allowed, unpatched, with a
+//! warning: a 4xx would make the apiserver refuse the write under `failurePolicy: Fail`.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -41,6 +42,10 @@ pub enum Keep {
 /// most about 700 bytes beyond its strings (a one-member object is a `BTreeMap` leaf), so one
 /// parse builds at most about 1.4 MiB of nodes.
 pub const MAX_KEPT_VALUES: usize = 2048;
+
+/// The parse error past [`MAX_KEPT_VALUES`]; `parse` reads the envelope again without the object.
+pub(super) const TOO_MANY_VALUES: &str = "the object has more than 2048 values in the fields the \
+     webhook reads (labels, selectors, containers, env, volumes)";
 
 pub(super) fn object<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     struct Opt;
@@ -83,10 +88,7 @@ impl Cx {
         let kept = self.kept.get() + 1;
         self.kept.set(kept);
         if kept > MAX_KEPT_VALUES {
-            return Err(E::custom(format_args!(
-                "the object has more than {MAX_KEPT_VALUES} values in the fields the webhook \
-                 reads (labels, selectors, containers, env, volumes); refused rather than built"
-            )));
+            return Err(E::custom(TOO_MANY_VALUES));
         }
         Ok(())
     }
