@@ -124,6 +124,16 @@ impl Replica {
         }
     }
 
+    /// The `outpost_webhook_cluster_leader` gauge: 1 while this replica holds the Lease.
+    async fn leader_gauge(&self) -> Option<f64> {
+        let (_, text) = health_get(self.served.health, "/metrics").await;
+        text.lines().find_map(|l| {
+            l.strip_prefix("outpost_webhook_cluster_leader ")?
+                .parse()
+                .ok()
+        })
+    }
+
     /// What the child has logged so far.
     fn log(&mut self) -> String {
         while self.served.next_line(Duration::from_millis(1)).is_some() {}
@@ -239,13 +249,11 @@ async fn deployment_appears(api: &FakeApi, what: &str) {
     .await;
     println!("{what}: Service selects the outpost pods after {took:?}");
     quiet(api, Duration::from_secs(1), what).await;
-    let service_patches: Vec<_> = api.patches()[before..]
-        .iter()
-        .filter(|p| p.resource == "services")
-        .cloned()
-        .collect();
-    assert_eq!(service_patches.len(), 1, "{service_patches:#?}");
-    let patch = &service_patches[0];
+    // Admission set the Deployment's checksum on CREATE: the reconciler writes only the Service.
+    let patches = api.patches()[before..].to_vec();
+    assert_eq!(patches.len(), 1, "{patches:#?}");
+    let patch = &patches[0];
+    assert_eq!(patch.resource, "services");
     assert_eq!(patch.content_type, "application/json-patch+json");
     assert_eq!(patch.name, OUTPOST);
     assert!(
@@ -260,11 +268,18 @@ async fn deployment_appears(api: &FakeApi, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_follows_its_pods_and_a_secret_change_rolls_once() {
     let (api, addr, certs) = default_install().await;
+    // While no list succeeds, no cache has synced: not ready.
+    api.refuse_lists(true);
     let mut replica = Replica::start(addr, &certs, "replica-a");
     api.set_webhooks(
         vec![replica.served.addr],
         &std::fs::read_to_string(certs.path().join("ca.crt")).unwrap(),
     );
+    for _ in 0..20 {
+        assert_ne!(health_get(replica.served.health, "/readyz").await.0, 200);
+        tokio::time::sleep(POLL).await;
+    }
+    api.refuse_lists(false);
     replica.ready().await;
 
     // 1. A default install: nothing is written, and the Service keeps the server pods.
@@ -370,6 +385,8 @@ async fn only_the_lease_holder_writes_and_the_other_takes_over() {
     );
 
     let (mut survivor, killed) = if holder == a.name { (b, a) } else { (a, b) };
+    assert_eq!(killed.leader_gauge().await, Some(1.0));
+    assert_eq!(survivor.leader_gauge().await, Some(0.0));
     let killed_name = killed.name.clone();
     api.set_webhooks(vec![survivor.served.addr], &ca);
     drop(killed);

@@ -75,6 +75,8 @@ struct Inner {
     /// Where the webhook listens (the endpoints of its Service), and the CA that signed it.
     webhooks: Vec<SocketAddr>,
     ca: String,
+    /// Lists answered 503, as an apiserver that is starting up answers them.
+    refuse_lists: bool,
     /// Each admission review sent: operation, kind, name, and the warnings answered.
     reviews: Vec<Reviewed>,
 }
@@ -235,6 +237,11 @@ impl FakeApi {
         ca.clone_into(&mut inner.ca);
     }
 
+    /// While true, every list is answered 503 Service Unavailable: no watch cache can sync.
+    pub fn refuse_lists(&self, refuse: bool) {
+        self.lock().refuse_lists = refuse;
+    }
+
     /// Creates or replaces an object as given (no admission), as the test's own write.
     pub fn put(&self, object: Value) -> Value {
         self.lock().store(object)
@@ -361,6 +368,9 @@ async fn handle(State(fake): State<FakeApi>, request: Request) -> Response {
 
 fn list(fake: &FakeApi, ns: &str, res: &str, query: &BTreeMap<String, String>) -> Response {
     let inner = fake.lock();
+    if inner.refuse_lists {
+        return status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable");
+    }
     let items: Vec<&Value> = inner
         .objects
         .iter()
