@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod fixtures;
+pub mod kube_fake;
 pub mod load;
 pub mod pki;
 pub mod process;
