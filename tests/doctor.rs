@@ -184,29 +184,6 @@ fn namespace(name: &str) -> Value {
            "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}})
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).unwrap()
-}
-
 fn query(request: &Request<Body>) -> BTreeMap<String, String> {
     request
         .uri()
@@ -216,7 +193,7 @@ fn query(request: &Request<Body>) -> BTreeMap<String, String> {
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k.to_owned(), percent_decode(v))
+            (k.to_owned(), common::kube_fake::decode(v))
         })
         .collect()
 }

@@ -199,7 +199,7 @@ fn selects(w: &Watch, object: &Value) -> bool {
 }
 
 /// `%XX` and `+` decoded, as a query string carries a selector.
-fn decode(s: &str) -> String {
+pub fn decode(s: &str) -> String {
     let spaced = s.replace('+', " ");
     let mut pieces = spaced.split('%');
     let mut out = pieces.next().unwrap_or_default().as_bytes().to_vec();
