@@ -56,6 +56,8 @@ pub struct Cache {
     snapshot: RwLock<Snapshot>,
     services: Stored,
     deployments: Stored,
+    /// Refusals leave readiness alone (`--cluster auto`).
+    report_only: std::sync::atomic::AtomicBool,
     /// Watchers that have not finished their first list.
     unsynced: AtomicUsize,
     /// What the apiserver refused (403): a watch, a reconcile write or the Lease.
@@ -205,10 +207,21 @@ impl Cache {
         self.unsynced.load(Ordering::Relaxed) == 0
     }
 
-    /// True once every watcher has listed once and nothing is refused.
+    /// True once every watcher has listed once and, unless refusals are only reported
+    /// ([`Cache::report_refusals_only`]), nothing is refused.
     #[must_use]
     pub fn ready(&self) -> bool {
-        self.synced() && self.lock_forbidden().is_empty()
+        self.synced()
+            && (self.report_only.load(Ordering::Relaxed) || self.lock_forbidden().is_empty())
+    }
+
+    /// Refusals are logged and counted but leave readiness alone. With `--cluster auto` (the
+    /// in-cluster default) a 403 on a write or the Lease must not take every replica out of the
+    /// webhook Service's endpoints: admission needs neither, and under `failurePolicy: Fail` no
+    /// endpoints means every outpost write is refused. `--cluster on` asks for readiness to
+    /// say so.
+    pub fn report_refusals_only(&self, yes: bool) {
+        self.report_only.store(yes, Ordering::Relaxed);
     }
 
     /// What the apiserver refused, as `verb resource in namespace`.
@@ -670,5 +683,26 @@ mod tests {
             "authentik",
         );
         assert!(cache.ready());
+    }
+
+    #[test]
+    fn with_cluster_auto_a_refused_write_is_reported_but_readiness_holds() {
+        let cache = Cache::default();
+        let refusal = || Refusal {
+            verb: "patch".into(),
+            resource: "services",
+            scope: None,
+            namespace: "authentik".into(),
+        };
+        assert!(cache.ready());
+        assert!(cache.refuse(refusal()));
+        assert!(!cache.ready(), "--cluster on: readiness says so");
+        cache.report_refusals_only(true);
+        assert!(
+            cache.ready(),
+            "--cluster auto: admission keeps its endpoints"
+        );
+        assert_eq!(cache.forbidden(), ["patch services in authentik"]);
+        assert!(!cache.refuse(refusal()), "logged once");
     }
 }

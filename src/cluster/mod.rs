@@ -84,11 +84,24 @@ pub fn identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// A client for `mode`, or `None` when the view is off.
+/// The view's clients: one for watches, which stay open for minutes with nothing to read, and
+/// one for the Lease and the writes, with read and write timeouts under the Lease's grace
+/// period, so that a connection that died silently ends a renewal or a write in seconds rather
+/// than leave a replica believing it still leads.
+#[derive(Clone)]
+pub struct Clients {
+    pub watch: Client,
+    pub requests: Client,
+}
+
+/// How long one Lease or write request may wait on the apiserver.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The clients for `mode`, or `None` when the view is off.
 ///
 /// # Errors
 /// With `--cluster on`, when no configuration can be found or used.
-pub async fn client(mode: Mode) -> Result<Option<Client>, ClusterError> {
+pub async fn client(mode: Mode) -> Result<Option<Clients>, ClusterError> {
     let config = match mode {
         Mode::Off => return Ok(None),
         Mode::Auto => {
@@ -103,9 +116,13 @@ pub async fn client(mode: Mode) -> Result<Option<Client>, ClusterError> {
         }
         Mode::On => Config::infer().await.map_err(ClusterError::Infer)?,
     };
-    Client::try_from(config)
-        .map(Some)
-        .map_err(ClusterError::Client)
+    let mut bounded = config.clone();
+    bounded.read_timeout = Some(REQUEST_TIMEOUT);
+    bounded.write_timeout = Some(REQUEST_TIMEOUT);
+    Ok(Some(Clients {
+        watch: Client::try_from(config).map_err(ClusterError::Client)?,
+        requests: Client::try_from(bounded).map_err(ClusterError::Client)?,
+    }))
 }
 
 /// The running cluster view: the cache admission reads, and its tasks.
@@ -130,16 +147,17 @@ impl Running {
 /// `policy` returns the policy in force; `secrets` are the Secret names it reads (watched by
 /// name).
 pub fn start(
-    client: Client,
+    clients: Clients,
     settings: &Settings,
     secrets: &BTreeSet<String>,
     policy: impl Fn() -> Arc<crate::core::policy::Policy> + Send + 'static,
     stop: watch::Receiver<bool>,
 ) -> Running {
-    let (cache, mut tasks) = Cache::spawn(&client, &settings.namespaces, secrets);
+    let (cache, mut tasks) = Cache::spawn(&clients.watch, &settings.namespaces, secrets);
+    cache.report_refusals_only(settings.mode != Mode::On);
     let metrics = Arc::new(metrics::Metrics::default());
     let (leader, lease) = reconciler::hold_lease(
-        client.clone(),
+        clients.requests.clone(),
         settings.lease_namespace.clone(),
         settings.identity.clone(),
         Arc::clone(&cache),
@@ -148,7 +166,7 @@ pub fn start(
     );
     tasks.push(lease);
     tasks.push(tokio::spawn(reconciler::run(
-        client,
+        clients,
         Arc::clone(&cache),
         policy,
         leader,

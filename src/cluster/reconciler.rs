@@ -85,7 +85,7 @@ pub async fn send(client: &Client, write: &Write) -> Result<(), kube::Error> {
 /// true. `policy` returns the policy in force (it may be reloaded meanwhile); a Secret that a
 /// reloaded policy names is followed from the next pass on.
 pub async fn run(
-    client: Client,
+    clients: super::Clients,
     cache: Arc<Cache>,
     policy: impl Fn() -> Arc<Policy>,
     mut leader: watch::Receiver<bool>,
@@ -98,31 +98,35 @@ pub async fn run(
     // Watchers of Secrets named after start. Dropping the set (this loop ending or being
     // aborted) stops them.
     let mut secret_watchers = JoinSet::new();
+    // False once the Lease task is gone: its receiver then answers at once, every time.
+    let mut lease_alive = true;
     loop {
         let wait = if failures == 0 {
             pace.resync
         } else {
             backoff(failures, pace.max_backoff)
         };
+        // After a failed pass only the backoff (or a change of leadership) ends the wait: a busy
+        // cache must not turn retries of a refused write into a hot loop.
         tokio::select! {
-            () = cache.changed.notified() => {}
-            _ = leader.changed() => {}
+            () = cache.changed.notified(), if failures == 0 => {}
+            changed = leader.changed(), if lease_alive => lease_alive = changed.is_ok(),
             () = tokio::time::sleep(wait) => {}
             () = stopped(&mut stop) => return,
         }
         let policy = policy();
-        for watcher in cache.follow_secrets(&client, &policy.secret_names()) {
+        for watcher in cache.follow_secrets(&clients.watch, &policy.secret_names()) {
             secret_watchers.spawn(watcher);
         }
         // Marked seen, so a change this pass already reads does not wake another pass.
-        let leading = *leader.borrow_and_update();
+        let leading = lease_alive && *leader.borrow_and_update();
         metrics.leader(leading);
         // Synced, not ready: a refused write keeps readiness false, and must still be retried.
         if !leading || !cache.synced() {
             continue;
         }
         let (services, deployments) = cache.stored();
-        failures = 0;
+        let mut failed = false;
         // One object at a time: the cache keeps compact text, and 1,000 outposts parsed at once
         // would be ten times its size.
         let planned = |text: &Arc<str>, service: bool| {
@@ -148,13 +152,13 @@ pub async fn run(
                 last_roll = Some(Instant::now());
             }
             // Leadership is checked before each write: a lost Lease stops writing at once.
-            if !*leader.borrow() {
+            if !lease_alive || !*leader.borrow() {
                 break;
             }
-            let result = send(&client, &write).await;
+            let result = send(&clients.requests, &write).await;
             metrics.write(write.kind, write.reason, result.is_ok());
             if let Err(e) = &result {
-                failures = failures.saturating_add(1);
+                failed = true;
                 refused_write(&cache, &write, e);
             } else {
                 cache.allow(&["patch"], resource(write.kind), None, &write.namespace);
@@ -167,6 +171,12 @@ pub async fn run(
                 );
             }
         }
+        // The backoff doubles over passes that keep failing, and resets after one that does not.
+        failures = if failed {
+            failures.saturating_add(1)
+        } else {
+            0
+        };
         debug!(failures, "Reconcile pass done");
     }
 }
@@ -572,8 +582,12 @@ mod tests {
             let cache = seeded(&policy);
             let (leader, leader_rx) = watch::channel(leading);
             let (stop, stop_rx) = watch::channel(false);
+            let client = Client::new(mock, "default");
             let task = tokio::spawn(run(
-                Client::new(mock, "default"),
+                crate::cluster::Clients {
+                    watch: client.clone(),
+                    requests: client,
+                },
                 Arc::clone(&cache),
                 move || Arc::clone(&policy),
                 leader_rx,

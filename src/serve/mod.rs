@@ -250,13 +250,13 @@ async fn start_cluster(
     app: &Arc<App>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<crate::cluster::Running>, ServeError> {
-    let Some(client) = crate::cluster::client(settings.mode).await? else {
+    let Some(clients) = crate::cluster::client(settings.mode).await? else {
         return Ok(None);
     };
     let secrets = app.policy.current().secret_names();
     let policy_app = Arc::clone(app);
     let running = crate::cluster::start(
-        client,
+        clients,
         settings,
         &secrets,
         move || policy_app.policy.current(),

@@ -89,6 +89,10 @@ pub struct Request {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Envelope {
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
     request: EnvelopeRequest,
 }
 
@@ -147,13 +151,15 @@ pub fn parse(body: &[u8]) -> Result<Request, ReviewError> {
         Ok(review) => review,
         // Too large to build is not malformed: answer it (allowed, unpatched), or the apiserver
         // would refuse the write. The second read skips the object without building it.
-        Err(e) if e.is_data() && e.to_string().contains(prune::TOO_MANY_VALUES) => {
+        // A custom error's message comes first; serde's own messages start with theirs (and
+        // may quote the input), so `starts_with` is not fooled by a string in the body.
+        Err(e) if e.is_data() && e.to_string().starts_with(prune::TOO_MANY_VALUES) => {
             let envelope: Envelope =
                 serde_json::from_str(text).map_err(|e| ReviewError::Shape(e.to_string()))?;
             let r = envelope.request;
             Review {
-                api_version: Some(API_VERSION.into()),
-                kind: Some(KIND.into()),
+                api_version: envelope.api_version,
+                kind: envelope.kind,
                 request: Some(Request {
                     uid: r.uid,
                     kind: r.kind,
@@ -198,8 +204,7 @@ pub fn decide(policy: &Policy, view: &dyn View, request: &Request) -> Outcome {
             verdict: mutate::Verdict::Unfixable,
             ops: Vec::new(),
             warnings: vec![format!(
-                "this {} is not fixed: it has over {} values in the fields outpost-webhook reads",
-                request.kind.kind,
+                "not fixed: the object has over {} values in the fields outpost-webhook reads",
                 prune::MAX_KEPT_VALUES
             )],
         };
@@ -426,6 +431,18 @@ mod tests {
             (0..5000).map(|i| (format!("k{i}"), json!("v"))).collect();
         r["request"]["object"]["metadata"]["labels"] = Value::Object(labels);
         assert!(parse(&body(&r)).unwrap().too_large);
+        // A wrong apiVersion beside a large object is still refused.
+        let mut r = serde_json::from_slice::<Value>(&with_env(100_000)).unwrap();
+        r["apiVersion"] = json!("admission.k8s.io/v1beta1");
+        assert!(matches!(parse(&body(&r)), Err(ReviewError::ApiVersion(_))));
+        // The cap's message quoted in a body does not pass for the cap.
+        let mut r = service_review();
+        r["request"]["operation"] = json!(prune::TOO_MANY_VALUES);
+        let e = parse(&body(&r)).unwrap_err();
+        assert!(
+            matches!(&e, ReviewError::Shape(m) if m.contains(prune::TOO_MANY_VALUES)),
+            "{e}"
+        );
         // A malformed envelope beside a large object is still a bad request.
         let mut r = serde_json::from_slice::<Value>(&with_env(100_000)).unwrap();
         r["request"]["operation"] = json!("EXPLODE");
