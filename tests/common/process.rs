@@ -96,6 +96,16 @@ impl Served {
     }
 }
 
+/// A test that fails before it stops its server must not leave the process running.
+impl Drop for Served {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 pub fn serve(dir: &TempDir, extra: &[&str]) -> Served {
     serve_with(Command::new(BIN), dir, extra)
 }
