@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use crate::{
     core::{
         cluster::{deployment_selector, secret_digests},
-        doctor::{DryRun, Inputs},
+        doctor::{DryRun, Inputs, selected_pods},
         mutate::{ObjectKind, identify_outpost, outpost_container},
     },
     k8s::{MANAGED_BY, MANAGED_BY_AUTHENTIK},
@@ -445,16 +445,7 @@ async fn logs(
             .and_then(Value::as_str)
             .unwrap_or_default();
         let api = Api::<Pod>::namespaced(client.clone(), namespace);
-        for pod in &inputs.pods {
-            let labels = pod.pointer("/metadata/labels").and_then(Value::as_object);
-            let selected = pod.pointer("/metadata/namespace").and_then(Value::as_str)
-                == Some(namespace)
-                && selector.iter().all(|(k, v)| {
-                    labels.and_then(|l| l.get(k)).and_then(Value::as_str) == Some(v.as_str())
-                });
-            if !selected {
-                continue;
-            }
+        for pod in selected_pods(&inputs.pods, namespace, &selector) {
             let containers = pod
                 .pointer("/spec/containers")
                 .and_then(Value::as_array)

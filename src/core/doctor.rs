@@ -657,16 +657,7 @@ fn service(
             },
         ));
     }
-    let selected: Vec<&Value> = if selector.is_empty() {
-        Vec::new()
-    } else {
-        in_namespace(&inputs.pods, namespace)
-            .filter(|p| {
-                let labels = labels_of(p);
-                selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-            })
-            .collect()
-    };
+    let selected: Vec<&Value> = selected_pods(&inputs.pods, namespace, &selector).collect();
     let ready_pods = selected.iter().filter(|p| pod_ready(p)).count();
     let endpoints = ready_endpoints(&inputs.endpoint_slices, namespace, name);
     let counts = format!(
@@ -1071,10 +1062,7 @@ fn logs(
         return Vec::new();
     };
     let mut out = Vec::new();
-    for pod in in_namespace(&inputs.pods, namespace).filter(|p| {
-        let labels = labels_of(p);
-        selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-    }) {
+    for pod in selected_pods(&inputs.pods, namespace, &selector) {
         let pod_name = name_of(pod);
         let Some(log) = logs.get(&(namespace.to_owned(), pod_name.to_owned())) else {
             continue;
@@ -1224,6 +1212,19 @@ fn tag(image: &str) -> &str {
         Some((_, tag)) if !tag.contains('/') => tag,
         _ => "latest",
     }
+}
+
+/// The pods in `namespace` whose labels hold every pair of `selector`; none for an empty
+/// selector (a Service without one selects no pod).
+pub fn selected_pods<'a>(
+    pods: &'a [Value],
+    namespace: &'a str,
+    selector: &'a Labels,
+) -> impl Iterator<Item = &'a Value> {
+    in_namespace(pods, namespace).filter(move |p| {
+        let labels = labels_of(p);
+        !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    })
 }
 
 fn labels_of(object: &Value) -> Labels {
