@@ -10,11 +10,14 @@
 )]
 
 pub mod client;
+pub mod control_plane;
 pub mod fixtures;
 pub mod kube_fake;
 pub mod load;
 pub mod pki;
+pub mod pod;
 pub mod process;
+pub mod proxy;
 pub mod server;
 
 pub use client::*;

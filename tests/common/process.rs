@@ -88,6 +88,14 @@ impl Served {
         }
     }
 
+    /// Every log line so far, without waiting.
+    pub fn lines_so_far(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push(line);
+        }
+        &self.log
+    }
+
     /// The next log line, within `limit`.
     pub fn next_line(&mut self, limit: Duration) -> Option<String> {
         let line = self.lines.recv_timeout(limit).ok()?;
@@ -112,14 +120,20 @@ pub fn serve(dir: &TempDir, extra: &[&str]) -> Served {
 
 /// As [`serve`], from a prepared command (a wrapper such as `unshare`, or environment).
 pub fn serve_with(mut command: Command, dir: &TempDir, extra: &[&str]) -> Served {
-    let mut child = command
+    command
         .args(SERVE_ON_LOOPBACK)
         .args(["--log-format", "json", "--drain-seconds", "1"])
         .arg("--tls-cert")
         .arg(dir.path().join("tls.crt"))
         .arg("--tls-key")
         .arg(dir.path().join("tls.key"))
-        .args(extra)
+        .args(extra);
+    spawn_served(command)
+}
+
+/// Starts a prepared `serve` command (JSON logs) and waits for the line saying where it serves.
+pub fn spawn_served(mut command: Command) -> Served {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

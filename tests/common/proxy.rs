@@ -1,0 +1,90 @@
+//! What kube-proxy does for a Service, on loopback: connections to one address are forwarded to
+//! the backends in turn, skipping any that refuse. The test control plane has no kube-proxy, so a
+//! registration that should reach "the Service" points its URL here, and a killed replica drops
+//! out as its endpoint would. Runs on its own thread and runtime, so a test that blocks (kubectl,
+//! sleeps) does not stall it.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+};
+
+pub struct ServiceProxy {
+    pub addr: SocketAddr,
+    backends: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for ServiceProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl ServiceProxy {
+    pub fn start(backends: Vec<SocketAddr>) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backends = Arc::new(Mutex::new(backends));
+        let (stop, stopped) = oneshot::channel();
+        let shared = Arc::clone(&backends);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener).unwrap();
+                let next = Arc::new(AtomicUsize::new(0));
+                let accept = async {
+                    loop {
+                        let Ok((inbound, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let backends = shared.lock().unwrap().clone();
+                        let next = Arc::clone(&next);
+                        tokio::spawn(forward(inbound, backends, next));
+                    }
+                };
+                tokio::select! {
+                    () = accept => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        Self {
+            addr,
+            backends,
+            stop: Some(stop),
+        }
+    }
+
+    /// Replaces the endpoints, as the endpointslice controller would.
+    pub fn set_backends(&self, backends: Vec<SocketAddr>) {
+        *self.backends.lock().unwrap() = backends;
+    }
+}
+
+/// Connects to the backends in turn from the next one, and copies both ways until either side
+/// closes.
+async fn forward(mut inbound: TcpStream, backends: Vec<SocketAddr>, next: Arc<AtomicUsize>) {
+    let start = next.fetch_add(1, Ordering::Relaxed);
+    for i in 0..backends.len() {
+        let backend = backends[(start + i) % backends.len()];
+        if let Ok(mut outbound) = TcpStream::connect(backend).await {
+            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            return;
+        }
+    }
+}
