@@ -343,10 +343,16 @@ impl ControlPlane {
             // Endpoints refuse loopback addresses: nothing reconciles the `kubernetes` Service.
             .arg("--endpoint-reconciler-type=none")
             .arg(format!("--cert-dir={}", d.join("certs").display()))
-            .arg(format!("--tls-cert-file={}", d.join("apiserver.crt").display()))
-            .arg(format!("--tls-private-key-file={}", d.join("apiserver.key").display()))
+            .arg(format!(
+                "--tls-cert-file={}",
+                d.join("apiserver.crt").display()
+            ))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                d.join("apiserver.key").display()
+            ))
             .arg(format!("--client-ca-file={}", d.join("ca.crt").display()))
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--service-cluster-ip-range=10.0.0.0/16")
             // The TokenRequest API: a test hands a replica its ServiceAccount's real token.
             .arg("--service-account-issuer=https://kubernetes.default.svc")
             .arg(format!(
@@ -377,6 +383,11 @@ impl ControlPlane {
     /// Restarts the apiserver on the same port, with the same etcd.
     pub fn restart_apiserver(&self) {
         self.stop_apiserver();
+        self.start_apiserver();
+    }
+
+    /// Starts the apiserver (again) with the usual flags.
+    pub fn start_apiserver(&self) {
         let binary = asset("kube-apiserver", "TEST_ASSET_KUBE_APISERVER");
         self.start_apiserver_with(&binary, &[]);
     }
@@ -469,8 +480,7 @@ impl ControlPlane {
 
     /// Creates namespace `name`.
     pub async fn create_namespace(&self, name: &str) {
-        let ns: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
         Api::<Namespace>::all(self.client().await)
             .create(&PostParams::default(), &ns)
             .await
