@@ -13,9 +13,11 @@ pub mod client;
 pub mod fixtures;
 pub mod kube_fake;
 pub mod load;
+pub mod manifests;
 pub mod pki;
 pub mod process;
 pub mod server;
+pub mod tools;
 
 pub use client::*;
 pub use fixtures::*;
