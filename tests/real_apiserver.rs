@@ -302,7 +302,7 @@ async fn the_control_plane_is_the_pinned_release() {
     let version = cp.client().await.apiserver_version().await.unwrap();
     assert_eq!(
         version.git_version,
-        common::control_plane::KUBERNETES_VERSION
+        common::control_plane::kubernetes_version()
     );
 }
 

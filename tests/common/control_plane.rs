@@ -38,8 +38,10 @@ use rcgen::{
 };
 use serde_json::json;
 
-/// The release `scripts/ensure-kube-apiserver.sh` builds.
-pub const KUBERNETES_VERSION: &str = "v1.34.4";
+/// The release `scripts/ensure-kube-apiserver.sh` builds, as it pins it.
+pub fn kubernetes_version() -> String {
+    super::tools::pinned("ensure-kube-apiserver.sh", "version")
+}
 const INSTALL: &str = "scripts/ensure-kube-apiserver.sh";
 /// A cold apiserver is ready in about 3 s here; a machine busy compiling takes longer.
 const READY_WITHIN: Duration = Duration::from_secs(90);
@@ -96,14 +98,16 @@ fn asset(name: &str, single: &str) -> PathBuf {
     } else {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("target/tools")
-            .join(format!("k8s-{KUBERNETES_VERSION}"))
+            .join(format!("k8s-{}", kubernetes_version()))
             .join(name)
     };
     assert!(
         path.is_file(),
-        "{name} not found at {}: run `{INSTALL}` (it builds kube-apiserver {KUBERNETES_VERSION} and \
-         etcd once) and set KUBEBUILDER_ASSETS to the directory it prints, or {single} to a binary",
-        path.display()
+        "{name} not found at {}: run `{INSTALL}` (it builds kube-apiserver {} and etcd once; \
+         README's test command runs it), or set KUBEBUILDER_ASSETS to a directory holding both, \
+         or {single} to a binary",
+        path.display(),
+        kubernetes_version()
     );
     path
 }

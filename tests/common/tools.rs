@@ -10,7 +10,7 @@ fn repo() -> &'static Path {
 }
 
 /// The value of `name=` in one of the ensure scripts, so the tests and the script agree on it.
-fn pinned(script: &str, name: &str) -> String {
+pub fn pinned(script: &str, name: &str) -> String {
     let text = std::fs::read_to_string(repo().join("scripts").join(script)).unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name}=")))
