@@ -731,6 +731,57 @@ async fn deploy_plain_runs_two_replicas_under_its_own_rbac() {
     .await;
     outpost = rolls_once(&deployments, &outpost).await;
 
+    // Each write left an Event saying why, as `kubectl get events` shows it.
+    let out = cp
+        .kubectl()
+        .args([
+            "-n",
+            "authentik",
+            "get",
+            "events.events.k8s.io",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let said = |kind: &str, reason: &str| -> Vec<String> {
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["regarding"]["kind"] == kind && e["reason"] == reason)
+            .map(|e| {
+                assert_eq!(e["reportingController"], "outpost-webhook");
+                assert_eq!(e["regarding"]["name"], OUTPOST);
+                e["note"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(
+        said("Deployment", "SecretChanged"),
+        ["Pods rolled: Secret goauthentik key(s) AUTHENTIK_POSTGRESQL__PASSWORD changed"]
+    );
+    assert!(said("Service", "SelectorFollowsOutpostPods").contains(
+        &"Selector set to the pods of the Deployment that runs outpost authentik-embedded-outpost \
+          on its own; the controller's selector is kept in annotation \
+          outpost-webhook/original-selector"
+            .to_owned()
+    ));
+    assert_eq!(
+        said("Service", "SelectorRestored"),
+        [
+            "Selector restored from annotation outpost-webhook/original-selector: no Deployment \
+          runs outpost authentik-embedded-outpost on its own now, so the authentik server pods \
+          serve it"
+        ]
+    );
+
     // The leader dies without releasing the Lease: the other takes over, and the next change
     // still rolls, once.
     let (mut dead, alive) = if a.name == leader { (a, b) } else { (b, a) };
@@ -1229,10 +1280,11 @@ async fn more_than_500_outposts_are_listed_in_pages_and_all_seen() {
     certs_into(&certs);
     let served = spawn_served(replica(&cp.kubeconfig, &certs, &ns, "a", &[]));
     ready(&served).await;
-    assert_eq!(
-        metric(&served, "outpost_webhook_cluster_cache_services").await,
-        Some(f64::from(N))
-    );
+    wait_for(BOUND, "every outpost Service in the cache", || async {
+        let seen = metric(&served, "outpost_webhook_cluster_cache_services").await;
+        (seen == Some(f64::from(N))).then_some(())
+    })
+    .await;
     // More than ten pages.
     const { assert!(N > 10 * outpost_webhook::cluster::cache::PAGE_SIZE) };
 }
