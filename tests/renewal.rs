@@ -3,7 +3,12 @@
 //! commands, the server reads them from a Secret-volume layout as the kubelet writes it, and the
 //! clients trust what the registration's `caBundle` holds at each step, as the apiserver does.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::too_many_lines
+)]
 
 mod common;
 
@@ -128,4 +133,170 @@ async fn renewing_the_serving_certificate_and_rotating_the_ca_as_documented_fail
         .metrics
         .reloads(outpost_webhook::serve::metrics::Reloaded::Certificate);
     assert_eq!((ok, refused), (2, 0));
+}
+
+/// Issue 17: self-managed TLS renews under load with no failed request. Two replicas keep their
+/// certificate in a Secret on a real kube-apiserver, with lifetimes cut to seconds (serving 15 s,
+/// so renewed every 10; CA 60 s, so rolled after 40): meanwhile the apiserver itself sends
+/// reviews to them through the registration's Service, verifying each against the caBundle it
+/// reads from the registration, and every one comes back mutated. The test ends once the
+/// serving certificate was renewed twice and the CA rolled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_managed_tls_renews_and_rolls_its_ca_under_load_with_no_failed_request() {
+    use common::{control_plane::shared, proxy::ServiceProxy, spawn_served};
+    use k8s_openapi::api::{
+        admissionregistration::v1::MutatingWebhookConfiguration,
+        apps::v1::Deployment,
+        core::v1::{Secret, Service},
+    };
+    use kube::{Api, api::PostParams};
+    use serde_json::{Value, json};
+
+    const FRONT: [u8; 4] = [127, 3, 0, 2];
+    let cp = shared();
+    let client = cp.client().await;
+    let own = cp.namespace("selftls").await;
+    let outposts = cp.namespace("selftls-outposts").await;
+    // The registration as webhook-config renders it for a Service, with no caBundle: the
+    // webhook fills it.
+    let rendered = run(&[
+        "webhook-config",
+        "--service",
+        "ow",
+        "--namespace",
+        &own,
+        "--namespace-selector",
+        &format!("kubernetes.io/metadata.name={outposts}"),
+    ]);
+    let mut registration: Value = serde_saphyr::from_str(&rendered).unwrap();
+    let name = format!("outpost-webhook-{own}");
+    registration["metadata"]["name"] = json!(name);
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(registration).unwrap(),
+        )
+        .await
+        .unwrap();
+    // The Service, as kube-proxy would route it.
+    let external: Service = serde_json::from_value(json!({
+        "metadata": {"name": "ow", "namespace": own},
+        "spec": {"type": "ExternalName", "externalName": "127.3.0.2"}}))
+    .unwrap();
+    Api::<Service>::namespaced(client.clone(), &own)
+        .create(&PostParams::default(), &external)
+        .await
+        .unwrap();
+
+    let replica = |pod: &str| {
+        let mut command = Command::new(BIN);
+        command
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .env("POD_NAME", pod)
+            .env_remove("POD_NAMESPACE")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .args(common::SERVE_ON_LOOPBACK)
+            .args(["--log-format", "json", "--drain-seconds", "1"])
+            .args(["--cluster", "on", "--watch-namespace", &outposts])
+            .args(["--lease-namespace", &own, "--tls-secret", "ow-tls"])
+            .args(["--webhook-configuration", &name, "--service", "ow"])
+            .args(["--tls-cert-validity", "15s", "--tls-ca-validity", "60s"]);
+        spawn_served(command)
+    };
+    let a = replica("a");
+    let b = replica("b");
+    let _front = ServiceProxy::start_on((FRONT, 443).into(), vec![a.addr, b.addr]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while common::health_get(a.health, "/readyz").await.0 != 200
+        || common::health_get(b.health, "/readyz").await.0 != 200
+    {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The apiserver's own reviews, one after another, each a dry-run create through the
+    // webhook.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = Arc::clone(&stop);
+        let deployments = Api::<Deployment>::namespaced(client.clone(), &outposts);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/embedded-proxy-deployment.create.json");
+        let review: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut object = if review["kind"] == "AdmissionReview" {
+            review["request"]["object"].clone()
+        } else {
+            review
+        };
+        object["metadata"]["namespace"] = json!(outposts);
+        for k in [
+            "resourceVersion",
+            "uid",
+            "creationTimestamp",
+            "managedFields",
+        ] {
+            object["metadata"].as_object_mut().unwrap().remove(k);
+        }
+        let deployment: Deployment = serde_json::from_value(object).unwrap();
+        tokio::spawn(async move {
+            let dry_run = PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            };
+            let (mut sent, mut failed) = (0_u32, Vec::new());
+            // Bounded: the test stops it, or 4,000 requests.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 4_000 {
+                sent += 1;
+                match deployments.create(&dry_run, &deployment).await {
+                    Ok(d) => {
+                        let env = d.spec.template.spec.unwrap().containers[0].env.clone();
+                        if !env
+                            .iter()
+                            .flatten()
+                            .any(|e| e.name == "AUTHENTIK_POSTGRESQL__PASSWORD")
+                        {
+                            failed.push("not mutated".to_owned());
+                        }
+                    }
+                    Err(e) => failed.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (sent, failed)
+        })
+    };
+
+    // Watch the Secret until two serving certificates and one CA have followed the first.
+    let secrets = Api::<Secret>::namespaced(client.clone(), &own);
+    let key = |s: &Secret, k: &str| s.data.as_ref().and_then(|d| d.get(k)).map(|v| v.0.clone());
+    let first = secrets.get("ow-tls").await.unwrap();
+    let (mut servings, mut cas) = (vec![key(&first, "tls.crt")], vec![key(&first, "ca.crt")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    while servings.len() < 3 || cas.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} serving certificates and {} CAs seen",
+            servings.len(),
+            cas.len()
+        );
+        let now = secrets.get("ow-tls").await.unwrap();
+        if !servings.contains(&key(&now, "tls.crt")) {
+            servings.push(key(&now, "tls.crt"));
+        }
+        if !cas.contains(&key(&now, "ca.crt")) {
+            cas.push(key(&now, "ca.crt"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let requests run a few seconds past the last change.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = load.await.unwrap();
+    assert!(sent > 100, "only {sent} reviews sent");
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
 }

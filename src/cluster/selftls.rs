@@ -287,24 +287,70 @@ async fn keep(
 ) {
     let secrets = Api::<Secret>::namespaced(client.clone(), &settings.namespace);
     let registrations = Api::<MutatingWebhookConfiguration>::all(client);
+    let mut trusted = Trusted::default();
     loop {
-        if may_act(&leadership, REQUEST_TIMEOUT)
-            && let Err(e) = upkeep(&secrets, &registrations, &settings, &leadership).await
-        {
-            warn!(
-                secret = %settings.secret,
-                registration = %settings.registration,
-                error = %e,
-                "Self-managed TLS: a step failed; tried again"
-            );
+        let mut wait = CHECK_EVERY;
+        if may_act(&leadership, REQUEST_TIMEOUT) {
+            match upkeep(
+                &secrets,
+                &registrations,
+                &settings,
+                &leadership,
+                &mut trusted,
+            )
+            .await
+            {
+                // A step was written, or the registration patched: the next follows at once.
+                Ok(Pass::Wrote) => wait = Duration::from_secs(1),
+                Ok(Pass::Wait { next_check }) => {
+                    let until = u64::try_from(next_check.saturating_sub(now())).unwrap_or(0);
+                    wait = wait.min(Duration::from_secs(until.max(1)));
+                }
+                Err(e) => warn!(
+                    secret = %settings.secret,
+                    registration = %settings.registration,
+                    error = %e,
+                    "Self-managed TLS: a step failed; tried again"
+                ),
+            }
+        } else {
+            // A new leader starts its own count of how long the registration trusted the bundle.
+            trusted = Trusted::default();
         }
         tokio::select! {
-            () = tokio::time::sleep(CHECK_EVERY) => {}
+            () = tokio::time::sleep(wait) => {}
             () = status.changed.notified() => {}
             _ = leadership.changed() => {}
             () = stopped(&mut stop) => return,
         }
     }
+}
+
+/// Since when (Unix seconds) the registration has trusted exactly this bundle.
+#[derive(Debug, Default)]
+struct Trusted(Option<(Vec<Vec<u8>>, i64)>);
+
+impl Trusted {
+    /// Notes whether the registration trusts `bundle` at `now`; since when it has.
+    fn note(&mut self, bundle: &[Vec<u8>], trusted: bool, now: i64) -> Option<i64> {
+        if !trusted {
+            self.0 = None;
+            return None;
+        }
+        match &self.0 {
+            Some((b, since)) if b.as_slice() == bundle => Some(*since),
+            _ => {
+                self.0 = Some((bundle.to_vec(), now));
+                Some(now)
+            }
+        }
+    }
+}
+
+/// What a pass did.
+enum Pass {
+    Wrote,
+    Wait { next_check: i64 },
 }
 
 /// Why an upkeep step failed.
@@ -336,7 +382,8 @@ async fn upkeep(
     registrations: &Api<MutatingWebhookConfiguration>,
     settings: &Settings,
     leadership: &Leadership,
-) -> Result<(), UpkeepError> {
+    since: &mut Trusted,
+) -> Result<Pass, UpkeepError> {
     let current = secrets.get_opt(&settings.secret).await?;
     let d = current.as_ref().map(data).unwrap_or_default();
     let names = pki::service_dns_names(&settings.service, &settings.namespace);
@@ -350,7 +397,8 @@ async fn upkeep(
             !hooks.is_empty() && hooks.iter().all(|h| bundle.iter().all(|c| h.contains(c)))
         });
     let now = now();
-    let step = decide(&held, now, settings.lifetimes, trusted);
+    let trusted_since = since.note(&bundle, trusted, now);
+    let step = decide(&held, now, settings.lifetimes, trusted_since);
     let write: Option<BTreeMap<&str, Option<String>>> = match &step {
         Step::Wait { .. } => None,
         Step::Create => {
@@ -407,20 +455,26 @@ async fn upkeep(
     if let Some(write) = write {
         // The lease may have run short while certificates were made.
         if !may_act(leadership, REQUEST_TIMEOUT) {
-            return Ok(());
+            return Ok(Pass::Wait { next_check: now });
         }
         store(secrets, settings, current.as_ref(), &write).await?;
         info!(secret = %settings.secret, step = ?step, "Self-managed TLS: wrote the Secret");
         // The registration is brought in line on the next pass, from what was stored.
-        return Ok(());
+        return Ok(Pass::Wrote);
     }
     if let Some(registration) = registration
         && !trusted_exactly(&registration, &d)
     {
         patch_registration(registrations, &registration, &d).await?;
         info!(registration = %settings.registration, "Self-managed TLS: set the registration's caBundle");
+        return Ok(Pass::Wrote);
     }
-    Ok(())
+    Ok(Pass::Wait {
+        next_check: match step {
+            Step::Wait { next_check } => next_check,
+            _ => now,
+        },
+    })
 }
 
 /// The data a new serving certificate writes: it, its key, the CA's certificate and key, and

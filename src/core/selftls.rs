@@ -74,15 +74,23 @@ pub enum Step {
     Wait { next_check: i64 },
 }
 
-/// The next step for `held` at `now`. `trusted_by_registration` says whether the registration's
-/// caBundle holds every CA of the Secret's bundle (the next CA included).
+/// How long the registration must have trusted the next CA before anything is served from it:
+/// the apiserver reads registrations through an informer, so it learns of a new caBundle a
+/// moment after it is stored. A minute, or a twentieth of the CA's life if that is shorter.
 #[must_use]
-pub fn decide(held: &Held, now: i64, lifetimes: Lifetimes, trusted_by_registration: bool) -> Step {
+pub fn roll_grace(lifetimes: Lifetimes) -> i64 {
+    (lifetimes.ca_seconds / 20).min(60)
+}
+
+/// The next step for `held` at `now`. `trusted_since` says since when (Unix seconds) the
+/// registration's caBundle has held every CA of the Secret's bundle, the next CA included.
+#[must_use]
+pub fn decide(held: &Held, now: i64, lifetimes: Lifetimes, trusted_since: Option<i64>) -> Step {
     let Some(ca) = held.ca.as_ref().filter(|c| c.not_after > now) else {
         return Step::Create;
     };
     if let Some(next) = &held.next_ca {
-        if trusted_by_registration && next.not_after > now {
+        if trusted_since.is_some_and(|t| now - t >= roll_grace(lifetimes)) && next.not_after > now {
             return Step::FinishCaRoll;
         }
     } else if ca.not_after - now < lifetimes.ca_seconds / 3 {
@@ -106,6 +114,8 @@ pub fn decide(held: &Held, now: i64, lifetimes: Lifetimes, trusted_by_registrati
     let mut next_check = serving_renew_at.unwrap_or(now);
     if held.next_ca.is_none() {
         next_check = next_check.min(ca.not_after - lifetimes.ca_seconds / 3);
+    } else if let Some(t) = trusted_since {
+        next_check = next_check.min(t + roll_grace(lifetimes));
     }
     for c in &held.bundle {
         next_check = next_check.min(c.not_after);
@@ -160,10 +170,10 @@ mod tests {
     #[test]
     fn an_empty_or_broken_secret_is_created() {
         let l = Lifetimes::default();
-        assert_eq!(decide(&Held::default(), 0, l, false), Step::Create);
+        assert_eq!(decide(&Held::default(), 0, l, None), Step::Create);
         let mut expired = healthy(0);
         expired.ca = Some(cert(1, 100));
-        assert_eq!(decide(&expired, 100, l, true), Step::Create);
+        assert_eq!(decide(&expired, 100, l, Some(0)), Step::Create);
     }
 
     #[test]
@@ -172,12 +182,12 @@ mod tests {
         let h = healthy(0);
         let renew_at = 365 * DAY - 365 * DAY / 3;
         assert_eq!(
-            decide(&h, 10, l, true),
+            decide(&h, 10, l, Some(0)),
             Step::Wait {
                 next_check: renew_at
             }
         );
-        assert_eq!(decide(&h, renew_at, l, true), Step::RenewServing);
+        assert_eq!(decide(&h, renew_at, l, Some(0)), Step::RenewServing);
     }
 
     #[test]
@@ -189,11 +199,11 @@ mod tests {
         ] {
             let mut h = healthy(0);
             broken(h.serving.as_mut().unwrap());
-            assert_eq!(decide(&h, 10, l, true), Step::RenewServing);
+            assert_eq!(decide(&h, 10, l, Some(0)), Step::RenewServing);
         }
         let mut missing = healthy(0);
         missing.serving = None;
-        assert_eq!(decide(&missing, 10, l, true), Step::RenewServing);
+        assert_eq!(decide(&missing, 10, l, Some(0)), Step::RenewServing);
     }
 
     #[test]
@@ -201,15 +211,20 @@ mod tests {
         let l = Lifetimes::default();
         let mut h = healthy(0);
         let late = 5 * 365 * DAY - 5 * 365 * DAY / 3;
-        assert_eq!(decide(&h, late, l, true), Step::StartCaRoll);
+        assert_eq!(decide(&h, late, l, Some(0)), Step::StartCaRoll);
         h.next_ca = Some(cert(3, late + 5 * 365 * DAY));
         h.bundle.push(cert(3, late + 5 * 365 * DAY));
+        h.serving.as_mut().unwrap().cert.not_after = late + 300 * DAY;
         // Not yet in the registration: keep serving from the current CA.
-        assert!(matches!(
-            decide(&h, late, l, false),
-            Step::Wait { .. } | Step::RenewServing
-        ));
-        assert_eq!(decide(&h, late, l, true), Step::FinishCaRoll);
+        assert!(matches!(decide(&h, late, l, None), Step::Wait { .. }));
+        // Trusted, but the apiserver may not have read it yet: wait out the grace.
+        assert_eq!(
+            decide(&h, late, l, Some(late - 59)),
+            Step::Wait {
+                next_check: late + 1
+            }
+        );
+        assert_eq!(decide(&h, late, l, Some(late - 60)), Step::FinishCaRoll);
     }
 
     #[test]
@@ -217,10 +232,10 @@ mod tests {
         let l = Lifetimes::default();
         let mut h = healthy(0);
         h.bundle.push(cert(9, 50));
-        assert_eq!(decide(&h, 60, l, true), Step::PruneBundle);
+        assert_eq!(decide(&h, 60, l, Some(0)), Step::PruneBundle);
         let mut lost = healthy(0);
         lost.bundle = vec![cert(9, 10 * 365 * DAY)];
-        assert_eq!(decide(&lost, 60, l, true), Step::PruneBundle);
+        assert_eq!(decide(&lost, 60, l, Some(0)), Step::PruneBundle);
     }
 
     #[test]
