@@ -210,7 +210,7 @@ mod tests {
     fn a_ca_roll_adds_the_next_ca_first_and_serves_from_it_only_once_trusted() {
         let l = Lifetimes::default();
         let mut h = healthy(0);
-        let late = 5 * 365 * DAY - 5 * 365 * DAY / 3;
+        let late = 5 * 365 * DAY - 5 * 365 * DAY / 3 + 1;
         assert_eq!(decide(&h, late, l, Some(0)), Step::StartCaRoll);
         h.next_ca = Some(cert(3, late + 5 * 365 * DAY));
         h.bundle.push(cert(3, late + 5 * 365 * DAY));
