@@ -21,8 +21,9 @@ use std::{
 
 use base64::Engine as _;
 use common::{
-    BIN, Served, certs_into, health_get,
+    BIN, Served, certs_into,
     control_plane::{ControlPlane, shared},
+    health_get,
     pod::{Pod, PodSpec, container_args, volume_mounts},
     proxy::ServiceProxy,
     serve_with, temp_dir,
@@ -95,15 +96,15 @@ fn b64(s: &str) -> String {
 /// Secret `goauthentik` with the five keys the built-in policy reads, and one it does not.
 fn goauthentik(namespace: &str, password: &str, unreferenced: &str) -> Secret {
     serde_json::from_value(json!({
-        "metadata": {"name": "goauthentik", "namespace": namespace},
-        "data": {
-            "AUTHENTIK_POSTGRESQL__HOST": b64("postgresql"),
-            "AUTHENTIK_POSTGRESQL__PORT": b64("5432"),
-            "AUTHENTIK_POSTGRESQL__USER": b64("authentik"),
-            "AUTHENTIK_POSTGRESQL__PASSWORD": b64(password),
-            "AUTHENTIK_POSTGRESQL__NAME": b64("authentik"),
-            "AUTHENTIK_SECRET_KEY": b64(unreferenced),
-        }}))
+    "metadata": {"name": "goauthentik", "namespace": namespace},
+    "data": {
+        "AUTHENTIK_POSTGRESQL__HOST": b64("postgresql"),
+        "AUTHENTIK_POSTGRESQL__PORT": b64("5432"),
+        "AUTHENTIK_POSTGRESQL__USER": b64("authentik"),
+        "AUTHENTIK_POSTGRESQL__PASSWORD": b64(password),
+        "AUTHENTIK_POSTGRESQL__NAME": b64("authentik"),
+        "AUTHENTIK_SECRET_KEY": b64(unreferenced),
+    }}))
     .unwrap()
 }
 
@@ -234,12 +235,16 @@ async fn register(cp: &ControlPlane, name: &str, namespace: &str, url: &str, ca:
         ..PostParams::default()
     };
     let probe = embedded_deployment(namespace);
-    wait_for(BOUND, "the apiserver calls the new registration", || async {
-        let d = deployments.create(&dry_run, &probe).await.ok()?;
-        env_names(&d)
-            .contains(&"AUTHENTIK_POSTGRESQL__PASSWORD".to_owned())
-            .then_some(())
-    })
+    wait_for(
+        BOUND,
+        "the apiserver calls the new registration",
+        || async {
+            let d = deployments.create(&dry_run, &probe).await.ok()?;
+            env_names(&d)
+                .contains(&"AUTHENTIK_POSTGRESQL__PASSWORD".to_owned())
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -635,7 +640,10 @@ async fn deploy_plain_runs_two_replicas_under_its_own_rbac() {
         "metadata": {"name": "authentik-other", "namespace": "authentik"},
         "data": {"K": b64("v")}}))
     .unwrap();
-    secrets.create(&PostParams::default(), &other).await.unwrap();
+    secrets
+        .create(&PostParams::default(), &other)
+        .await
+        .unwrap();
 
     let a = installed.pod(cp, "outpost-webhook-7d9f-aaaaa");
     let b = installed.pod(cp, "outpost-webhook-7d9f-bbbbb");
@@ -662,7 +670,10 @@ async fn deploy_plain_runs_two_replicas_under_its_own_rbac() {
         assert_eq!(leaders(&[&a, &b]).await, [leader.clone()]);
         tokio::time::sleep(POLL).await;
     }
-    assert_eq!(lease_holder(&client).await.as_deref(), Some(leader.as_str()));
+    assert_eq!(
+        lease_holder(&client).await.as_deref(),
+        Some(leader.as_str())
+    );
 
     // A default install: the Service keeps the controller's selector.
     let services = Api::<Service>::namespaced(client.clone(), "authentik");
@@ -706,7 +717,13 @@ async fn deploy_plain_runs_two_replicas_under_its_own_rbac() {
     // An unreferenced key changes, then a referenced one: exactly one roll. Had the first
     // rolled, the generation would have moved twice.
     set_secret_key(&client, "authentik", "AUTHENTIK_SECRET_KEY", "k-2").await;
-    set_secret_key(&client, "authentik", "AUTHENTIK_POSTGRESQL__PASSWORD", "pw-2").await;
+    set_secret_key(
+        &client,
+        "authentik",
+        "AUTHENTIK_POSTGRESQL__PASSWORD",
+        "pw-2",
+    )
+    .await;
     outpost = rolls_once(&deployments, &outpost).await;
 
     // The leader dies without releasing the Lease: the other takes over, and the next change
@@ -721,7 +738,13 @@ async fn deploy_plain_runs_two_replicas_under_its_own_rbac() {
         .then_some(())
     })
     .await;
-    set_secret_key(&client, "authentik", "AUTHENTIK_POSTGRESQL__PASSWORD", "pw-3").await;
+    set_secret_key(
+        &client,
+        "authentik",
+        "AUTHENTIK_POSTGRESQL__PASSWORD",
+        "pw-3",
+    )
+    .await;
     rolls_once(&deployments, &outpost).await;
 
     // Nothing was refused: RBAC allows all the webhook does.
@@ -763,9 +786,11 @@ async fn token_client(cp: &ControlPlane, token: &str) -> Client {
     )
     .unwrap();
     let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
-    let config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-            .await
-            .unwrap();
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
     Client::try_from(config).unwrap()
 }

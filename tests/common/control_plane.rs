@@ -343,8 +343,14 @@ impl ControlPlane {
             // Endpoints refuse loopback addresses: nothing reconciles the `kubernetes` Service.
             .arg("--endpoint-reconciler-type=none")
             .arg(format!("--cert-dir={}", d.join("certs").display()))
-            .arg(format!("--tls-cert-file={}", d.join("apiserver.crt").display()))
-            .arg(format!("--tls-private-key-file={}", d.join("apiserver.key").display()))
+            .arg(format!(
+                "--tls-cert-file={}",
+                d.join("apiserver.crt").display()
+            ))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                d.join("apiserver.key").display()
+            ))
             .arg(format!("--client-ca-file={}", d.join("ca.crt").display()))
             .arg("--service-cluster-ip-range=10.0.0.0/24")
             // The TokenRequest API: a test hands a replica its ServiceAccount's real token.
@@ -469,8 +475,7 @@ impl ControlPlane {
 
     /// Creates namespace `name`.
     pub async fn create_namespace(&self, name: &str) {
-        let ns: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
         Api::<Namespace>::all(self.client().await)
             .create(&PostParams::default(), &ns)
             .await

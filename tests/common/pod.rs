@@ -58,7 +58,10 @@ fn rewritten(spec: &PodSpec<'_>) -> Vec<String> {
         }
         out.push(arg);
     }
-    out.extend(["--addr=127.0.0.1:0".into(), "--health-addr=127.0.0.1:0".into()]);
+    out.extend([
+        "--addr=127.0.0.1:0".into(),
+        "--health-addr=127.0.0.1:0".into(),
+    ]);
     out
 }
 
