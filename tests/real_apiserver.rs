@@ -8,7 +8,12 @@
 //! every test fails with the command that builds them. Every wait is bounded and polls the
 //! apiserver's state.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::too_many_lines
+)]
 
 mod common;
 
@@ -510,7 +515,7 @@ fn doc<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
 
 /// The webhook as `deploy/plain` installs it, on the test control plane: the rendered objects
 /// applied, the TLS Secret made by `certs`, and each replica a process that sees in-cluster
-/// configuration with its ServiceAccount's token and runs the rendered container args with the
+/// configuration with its `ServiceAccount`'s token and runs the rendered container args with the
 /// rendered volumes.
 struct Installed {
     certs: TempDir,
@@ -621,7 +626,7 @@ async fn rolls_once(deployments: &Api<Deployment>, before: &Deployment) -> Deplo
 /// `deploy/plain` on a real apiserver, two replicas in-cluster under its own RBAC: exactly one
 /// leads; the embedded outpost's Service follows a standalone Deployment and back; a referenced
 /// Secret key change rolls the outpost once, an unreferenced one not at all; killing the leader
-/// hands over and the next change still rolls; no replica logs a 403; and the ServiceAccount
+/// hands over and the next change still rolls; no replica logs a 403; and the `ServiceAccount`
 /// cannot read a Secret the policy does not name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_plain_runs_two_replicas_under_its_own_rbac() {
@@ -667,7 +672,7 @@ async fn deploy_plain_runs_two_replicas_under_its_own_rbac() {
     })
     .await;
     for _ in 0..20 {
-        assert_eq!(leaders(&[&a, &b]).await, [leader.clone()]);
+        assert_eq!(leaders(&[&a, &b]).await, std::slice::from_ref(&leader));
         tokio::time::sleep(POLL).await;
     }
     assert_eq!(

@@ -18,7 +18,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
         Arc, Mutex, PoisonError, RwLock,
-        atomic::{AtomicUsize, Ordering},
     },
 };
 
@@ -36,7 +35,7 @@ use tracing::{info, warn};
 use crate::{
     core::{
         admission::prune::Keep,
-        cluster::{Snapshot, View, deployment_selector, secret_digests},
+        cluster::{SecretStatus, Snapshot, View, deployment_selector, secret_digests},
         mutate::{CONTAINER_READS, READS},
         policy::Outpost,
     },
@@ -47,27 +46,43 @@ use crate::{
 /// (a Deployment with its `managedFields` is tens of KB each) while it hands them over.
 pub const PAGE_SIZE: u32 = 50;
 
+/// How long the apiserver holds one watch open before the watcher starts the next (from the
+/// last resourceVersion, so nothing is missed). Short enough that a watch whose connection died
+/// silently is noticed within a minute: the watch client's read timeout is a little longer.
+pub const WATCH_TIMEOUT_SECONDS: u32 = 55;
+
 /// Outpost objects by (namespace, name), each as the compact JSON text of what the rules read.
 type Stored = RwLock<BTreeMap<(String, String), Arc<str>>>;
 
-/// What the watchers have seen, and whether they have all listed once.
+/// What the watchers have seen, and whether they have all settled.
 #[derive(Debug, Default)]
 pub struct Cache {
     snapshot: RwLock<Snapshot>,
     services: Stored,
     deployments: Stored,
-    /// Refusals leave readiness alone (`--cluster auto`).
-    report_only: std::sync::atomic::AtomicBool,
-    /// Watchers that have not finished their first list.
-    unsynced: AtomicUsize,
+    /// Watchers that have neither listed once nor been refused: readiness waits for them.
+    pending: Mutex<BTreeSet<Watch>>,
     /// What the apiserver refused (403): a watch, a reconcile write or the Lease.
     forbidden: Mutex<BTreeSet<Refusal>>,
-    /// The watched namespaces, and the Secret names followed in each: a reloaded policy may name
-    /// another Secret, which [`Cache::follow_secrets`] then starts following.
+    /// The watched namespaces, and the Secret names followed in each: the policy in force names
+    /// them, and a reloaded policy may name others ([`Cache::follow_secrets`]) or fewer
+    /// ([`Cache::unfollow_secrets`]).
     namespaces: Vec<String>,
     secrets: Mutex<BTreeSet<String>>,
+    /// What each followed Secret's watch knows: present, missing, or refused.
+    secret_status: RwLock<BTreeMap<(String, String), SecretStatus>>,
+    /// The keys whose data changed in each Secret's latest change, for the reconciler's Events.
+    changed_keys: RwLock<BTreeMap<(String, String), Vec<String>>>,
     /// Woken on every change, for the reconciler.
     pub changed: Notify,
+}
+
+/// One watcher: a kind in a namespace, and for Secrets the name it follows.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Watch {
+    kind: &'static str,
+    namespace: String,
+    scope: Option<String>,
 }
 
 /// A request the apiserver answered 403: what RBAC must allow. Shown as
@@ -100,6 +115,15 @@ impl View for Cache {
     fn secret(&self, namespace: &str, name: &str) -> Option<BTreeMap<String, [u8; 32]>> {
         self.read_snapshot().secret(namespace, name)
     }
+
+    fn secret_status(&self, namespace: &str, name: &str) -> SecretStatus {
+        self.secret_status
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .copied()
+            .unwrap_or(SecretStatus::Unknown)
+    }
 }
 
 /// The three kinds the cache follows.
@@ -130,20 +154,18 @@ impl Kind {
 }
 
 impl Cache {
-    /// Starts a watcher per kind and namespace, and one per Secret name and namespace.
+    /// Starts a watcher per kind and namespace. The Secrets the policy reads are followed by the
+    /// caller ([`Cache::follow_secrets`]), which owns their tasks.
     #[must_use]
-    pub fn spawn(
-        client: &Client,
-        namespaces: &[String],
-        secrets: &BTreeSet<String>,
-    ) -> (Arc<Self>, Vec<JoinHandle<()>>) {
+    pub fn spawn(client: &Client, namespaces: &[String]) -> (Arc<Self>, Vec<JoinHandle<()>>) {
         let cache = Arc::new(Self {
             namespaces: namespaces.to_vec(),
             ..Self::default()
         });
         let outposts = watcher::Config::default()
             .labels(&format!("{MANAGED_BY}={MANAGED_BY_AUTHENTIK}"))
-            .page_size(PAGE_SIZE);
+            .page_size(PAGE_SIZE)
+            .timeout(WATCH_TIMEOUT_SECONDS);
         let mut tasks = Vec::new();
         for ns in namespaces {
             tasks.push(tokio::spawn(cache.follow(
@@ -159,23 +181,17 @@ impl Cache {
                 ns,
             )));
         }
-        tasks.extend(
-            cache
-                .follow_secrets(client, secrets)
-                .into_iter()
-                .map(tokio::spawn),
-        );
         (cache, tasks)
     }
 
-    /// A watcher for each Secret in `names`, in each watched namespace, that is not followed yet:
-    /// a reloaded policy may name a Secret the cache was not started with. The caller spawns the
-    /// futures and owns their lifetime. Readiness is false until each has listed once.
+    /// A watcher for each Secret in `names`, in each watched namespace, that is not followed yet,
+    /// with the name it follows. The caller spawns the futures and owns their lifetime; readiness
+    /// waits until each has listed once or been refused.
     pub fn follow_secrets(
         self: &Arc<Self>,
         client: &Client,
         names: &BTreeSet<String>,
-    ) -> Vec<impl Future<Output = ()> + Send + 'static + use<>> {
+    ) -> Vec<(String, impl Future<Output = ()> + Send + 'static + use<>)> {
         let new: Vec<String> = {
             let mut followed = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
             names
@@ -189,39 +205,97 @@ impl Cache {
             for ns in &self.namespaces {
                 let by_name = watcher::Config::default()
                     .fields(&format!("metadata.name={name}"))
-                    .page_size(PAGE_SIZE);
-                watchers.push(self.follow(
-                    Api::<Secret>::namespaced(client.clone(), ns),
-                    by_name,
-                    Kind::Secret,
-                    ns,
+                    .page_size(PAGE_SIZE)
+                    .timeout(WATCH_TIMEOUT_SECONDS);
+                watchers.push((
+                    name.clone(),
+                    self.follow(
+                        Api::<Secret>::namespaced(client.clone(), ns),
+                        by_name,
+                        Kind::Secret,
+                        ns,
+                    ),
                 ));
             }
         }
         watchers
     }
 
-    /// True once every watcher has listed once: the view is complete enough to plan writes from.
-    #[must_use]
-    pub fn synced(&self) -> bool {
-        self.unsynced.load(Ordering::Relaxed) == 0
+    /// Stops following the Secrets not in `names`: the policy in force no longer reads them. What
+    /// the cache knew of them, their refusals and their place in readiness go; the names are
+    /// returned so that the caller stops their watchers.
+    pub fn unfollow_secrets(&self, names: &BTreeSet<String>) -> Vec<String> {
+        let gone: Vec<String> = {
+            let mut followed = self.secrets.lock().unwrap_or_else(PoisonError::into_inner);
+            let gone = followed.difference(names).cloned().collect();
+            followed.retain(|n| names.contains(n));
+            gone
+        };
+        for name in &gone {
+            let scope = format!("metadata.name={name}");
+            self.lock_pending()
+                .retain(|w| !(w.kind == "secrets" && w.scope.as_deref() == Some(scope.as_str())));
+            self.lock_forbidden().retain(|r| {
+                !(r.resource == "secrets" && r.scope.as_deref() == Some(scope.as_str()))
+            });
+            for ns in &self.namespaces {
+                self.remove(Kind::Secret, ns, name);
+                self.secret_status
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&(ns.clone(), name.clone()));
+            }
+        }
+        gone
     }
 
-    /// True once every watcher has listed once and, unless refusals are only reported
-    /// ([`Cache::report_refusals_only`]), nothing is refused.
+    /// The Secret names followed now.
+    #[must_use]
+    pub fn followed_secrets(&self) -> BTreeSet<String> {
+        self.secrets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The keys whose data changed in Secret `name`'s latest change in `namespace` (empty when
+    /// none is known: the first list, or a change while no watch ran).
+    #[must_use]
+    pub fn changed_keys(&self, namespace: &str, name: &str) -> Vec<String> {
+        self.changed_keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// True once every watcher has settled: listed once, or been refused. The view is then as
+    /// complete as it will get, and writes may be planned from it.
+    #[must_use]
+    pub fn synced(&self) -> bool {
+        self.lock_pending().is_empty()
+    }
+
+    /// Whether admission may answer from this view: every watcher has settled. A refusal does
+    /// not keep a replica unready: under `failurePolicy: Fail`, a Role that lacks a verb (it
+    /// hits every replica alike) would otherwise leave the webhook with no endpoints and refuse
+    /// every outpost write. It is logged, counted, and warned about on the writes it affects.
     #[must_use]
     pub fn ready(&self) -> bool {
         self.synced()
-            && (self.report_only.load(Ordering::Relaxed) || self.lock_forbidden().is_empty())
     }
 
-    /// Refusals are logged and counted but leave readiness alone. With `--cluster auto` (the
-    /// in-cluster default) a 403 on a write or the Lease must not take every replica out of the
-    /// webhook Service's endpoints: admission needs neither, and under `failurePolicy: Fail` no
-    /// endpoints means every outpost write is refused. `--cluster on` asks for readiness to
-    /// say so.
-    pub fn report_refusals_only(&self, yes: bool) {
-        self.report_only.store(yes, Ordering::Relaxed);
+    /// The watchers that have not settled, for `/readyz`.
+    #[must_use]
+    pub fn unsettled(&self) -> Vec<String> {
+        self.lock_pending()
+            .iter()
+            .map(|w| match &w.scope {
+                Some(scope) => format!("{} ({scope}) in {}", w.kind, w.namespace),
+                None => format!("{} in {}", w.kind, w.namespace),
+            })
+            .collect()
     }
 
     /// What the apiserver refused, as `verb resource in namespace`.
@@ -306,6 +380,10 @@ impl Cache {
         self.snapshot.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, BTreeSet<Watch>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn lock_forbidden(&self) -> std::sync::MutexGuard<'_, BTreeSet<Refusal>> {
         self.forbidden
             .lock()
@@ -330,7 +408,12 @@ impl Cache {
             + Sync
             + 'static,
     {
-        self.unsynced.fetch_add(1, Ordering::Relaxed);
+        let watch = Watch {
+            kind: kind.resource(),
+            namespace: namespace.to_owned(),
+            scope: config.field_selector.clone(),
+        };
+        self.lock_pending().insert(watch.clone());
         let cache = Arc::clone(self);
         let namespace = namespace.to_owned();
         let scope = config.field_selector.clone();
@@ -348,23 +431,28 @@ impl Cache {
                     }
                     Ok(watcher::Event::InitDone) => {
                         cache.relisted(kind, &namespace, scope.as_deref(), &listed);
-                        if !synced {
-                            synced = true;
-                            cache.unsynced.fetch_sub(1, Ordering::Relaxed);
-                            info!(resource = kind.resource(), %namespace, "Watch cache synced");
-                        }
                         cache.allow(
                             &["list", "watch"],
                             kind.resource(),
                             scope.as_deref(),
                             &namespace,
                         );
+                        if !synced {
+                            synced = true;
+                            cache.lock_pending().remove(&watch);
+                            info!(resource = kind.resource(), %namespace, "Watch cache synced");
+                        }
                     }
                     Ok(watcher::Event::Apply(object)) => cache.put(kind, &namespace, &object),
                     Ok(watcher::Event::Delete(object)) => {
                         cache.remove(kind, &namespace, &object.name_any());
                     }
-                    Err(e) => cache.failed(kind, &namespace, scope.as_deref(), &e),
+                    Err(e) => {
+                        if cache.failed(kind, &namespace, scope.as_deref(), &e) {
+                            // Refused: settled for readiness; what it would show is unknown.
+                            cache.lock_pending().remove(&watch);
+                        }
+                    }
                 }
             }
         }
@@ -393,7 +481,24 @@ impl Cache {
         for gone in held.iter().filter(|n| !listed.contains(*n)) {
             self.remove(kind, namespace, gone);
         }
+        if kind == Kind::Secret
+            && let Some(name) = scope.and_then(|s| s.strip_prefix("metadata.name="))
+        {
+            let status = if listed.contains(name) {
+                SecretStatus::Present
+            } else {
+                SecretStatus::Missing
+            };
+            self.set_secret_status(namespace, name, status);
+        }
         self.changed.notify_one();
+    }
+
+    fn set_secret_status(&self, namespace: &str, name: &str, status: SecretStatus) {
+        self.secret_status
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((namespace.to_owned(), name.to_owned()), status);
     }
 
     fn put<K: Resource + Serialize>(&self, kind: Kind, namespace: &str, object: &K) {
@@ -419,7 +524,26 @@ impl Cache {
                 drop(snapshot);
                 write(&self.services).insert(key, kept(&value));
             }
-            Kind::Secret => snapshot.put_secret(namespace, &name, secret_digests(&value)),
+            Kind::Secret => {
+                let digests = secret_digests(&value);
+                if let Some(before) = snapshot.secret_data(namespace, &name) {
+                    let changed: Vec<String> = digests
+                        .iter()
+                        .filter(|(k, d)| before.get(*k) != Some(*d))
+                        .map(|(k, _)| k.clone())
+                        .chain(before.keys().filter(|k| !digests.contains_key(*k)).cloned())
+                        .collect();
+                    if !changed.is_empty() {
+                        self.changed_keys
+                            .write()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert((namespace.to_owned(), name.clone()), changed);
+                    }
+                }
+                snapshot.put_secret(namespace, &name, digests);
+                drop(snapshot);
+                self.set_secret_status(namespace, &name, SecretStatus::Present);
+            }
         }
         self.changed.notify_one();
     }
@@ -437,18 +561,21 @@ impl Cache {
             Kind::Service => {
                 write(&self.services).remove(&key);
             }
-            Kind::Secret => self
-                .snapshot
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove_secret(namespace, name),
+            Kind::Secret => {
+                self.snapshot
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove_secret(namespace, name);
+                self.set_secret_status(namespace, name, SecretStatus::Missing);
+            }
         }
         self.changed.notify_one();
     }
 
-    /// A watch error. A 403 is logged once with the verb and resource that RBAC must allow, and
-    /// keeps readiness false; anything else is retried with backoff by the watcher.
-    fn failed(&self, kind: Kind, namespace: &str, scope: Option<&str>, e: &watcher::Error) {
+    /// A watch error. A 403 is logged once with the verb and resource that RBAC must allow (a
+    /// refused Secret is then unreadable, which admission warns about); anything else is retried
+    /// with backoff by the watcher. True when it was a 403.
+    fn failed(&self, kind: Kind, namespace: &str, scope: Option<&str>, e: &watcher::Error) -> bool {
         let api = match e {
             watcher::Error::InitialListFailed(kube::Error::Api(s))
             | watcher::Error::WatchStartFailed(kube::Error::Api(s))
@@ -456,24 +583,35 @@ impl Cache {
             | watcher::Error::WatchError(s) => Some(s.as_ref()),
             _ => None,
         };
-        if api.is_some_and(|s| s.code == 403) {
-            let verb = match e {
-                watcher::Error::InitialListFailed(_) => "list",
-                _ => "watch",
-            };
-            let refusal = Refusal {
-                verb: verb.into(),
-                resource: kind.resource(),
-                scope: scope.map(str::to_owned),
-                namespace: namespace.to_owned(),
-            };
-            let what = refusal.to_string();
-            if self.refuse(refusal) {
-                warn!(forbidden = %what, "The apiserver refused a watch: RBAC must allow it");
-            }
-        } else {
+        if api.is_none_or(|s| s.code != 403) {
             warn!(resource = kind.resource(), %namespace, error = %e, "Watch failed; retrying");
+            return false;
         }
+        let verb = match e {
+            watcher::Error::InitialListFailed(_) => "list",
+            _ => "watch",
+        };
+        if kind == Kind::Secret
+            && let Some(name) = scope.and_then(|s| s.strip_prefix("metadata.name="))
+        {
+            self.set_secret_status(namespace, name, SecretStatus::Unreadable);
+            self.changed.notify_one();
+        }
+        let refusal = Refusal {
+            verb: verb.into(),
+            resource: kind.resource(),
+            scope: scope.map(str::to_owned),
+            namespace: namespace.to_owned(),
+        };
+        let what = refusal.to_string();
+        if self.refuse(refusal) {
+            warn!(
+                forbidden = %what,
+                "The apiserver refused a watch: RBAC must allow it. Retried with backoff; \
+                 admission answers meanwhile and warns where it matters"
+            );
+        }
+        true
     }
 }
 
@@ -639,70 +777,79 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_secret_named_later_gets_a_watcher_once_and_readiness_waits_for_it() {
+    async fn secrets_follow_the_policy_and_readiness_waits_only_for_those_followed() {
         let (mock, _apiserver) = tower_test::mock::pair::<
             http::Request<kube::client::Body>,
             http::Response<kube::client::Body>,
         >();
         let client = Client::new(mock, "default");
         let names = |n: &[&str]| n.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
-        let (cache, tasks) = Cache::spawn(&client, &["authentik".into()], &names(&["a"]));
-        // Deployments, Services, and Secret `a`: none has listed.
-        assert_eq!(tasks.len(), 3);
+        let (cache, tasks) = Cache::spawn(&client, &["authentik".into()]);
+        // Deployments and Services: neither has listed.
+        assert_eq!(tasks.len(), 2);
+        assert_eq!(cache.follow_secrets(&client, &names(&["a"])).len(), 1);
         assert!(cache.follow_secrets(&client, &names(&["a"])).is_empty());
         assert_eq!(cache.follow_secrets(&client, &names(&["a", "b"])).len(), 1);
-        assert!(cache.follow_secrets(&client, &names(&["b"])).is_empty());
-        assert_eq!(cache.unsynced.load(Ordering::Relaxed), 4);
+        assert_eq!(cache.unsettled().len(), 4);
         assert!(!cache.ready());
+        // The policy stops reading `b`: its watcher goes, and readiness no longer waits for it.
+        cache.refuse(Refusal {
+            verb: "list".into(),
+            resource: "secrets",
+            scope: Some("metadata.name=b".into()),
+            namespace: "authentik".into(),
+        });
+        assert_eq!(cache.unfollow_secrets(&names(&["a"])), ["b"]);
+        assert_eq!(cache.followed_secrets(), names(&["a"]));
+        assert_eq!(cache.unsettled().len(), 3);
+        assert!(cache.forbidden().is_empty(), "its refusal went with it");
         for t in tasks {
             t.abort();
         }
     }
 
     #[test]
-    fn a_refused_watch_keeps_readiness_false_until_it_lists() {
+    fn a_refused_secret_is_unreadable_and_a_refusal_never_takes_readiness() {
         let cache = Cache::default();
         let refused = watcher::Error::InitialListFailed(kube::Error::Api(Box::new(
             kube::core::Status::failure("forbidden", "Forbidden").with_code(403),
         )));
-        cache.failed(
+        assert!(cache.failed(
             Kind::Secret,
             "authentik",
-            Some("metadata.name=goauthentik"),
+            Some("metadata.name=goauthentk"),
             &refused,
+        ));
+        assert_eq!(
+            cache.secret_status("authentik", "goauthentk"),
+            SecretStatus::Unreadable
         );
-        assert!(!cache.ready());
         assert_eq!(
             cache.forbidden(),
-            ["list secrets (metadata.name=goauthentik) in authentik"]
+            ["list secrets (metadata.name=goauthentk) in authentik"]
         );
-        cache.allow(
-            &["list"],
-            "secrets",
-            Some("metadata.name=goauthentik"),
-            "authentik",
-        );
-        assert!(cache.ready());
+        assert!(cache.ready(), "a Role's typo must not empty the webhook's endpoints");
+        assert!(!cache.refuse(Refusal {
+            verb: "list".into(),
+            resource: "secrets",
+            scope: Some("metadata.name=goauthentk".into()),
+            namespace: "authentik".into(),
+        }), "logged once");
     }
 
     #[test]
-    fn with_cluster_auto_a_refused_write_is_reported_but_readiness_holds() {
+    fn a_secret_is_present_missing_or_gone_as_its_watch_lists_it_and_changed_keys_are_named() {
         let cache = Cache::default();
-        let refusal = || Refusal {
-            verb: "patch".into(),
-            resource: "services",
-            scope: None,
-            namespace: "authentik".into(),
-        };
-        assert!(cache.ready());
-        assert!(cache.refuse(refusal()));
-        assert!(!cache.ready(), "--cluster on: readiness says so");
-        cache.report_refusals_only(true);
-        assert!(
-            cache.ready(),
-            "--cluster auto: admission keeps its endpoints"
-        );
-        assert_eq!(cache.forbidden(), ["patch services in authentik"]);
-        assert!(!cache.refuse(refusal()), "logged once");
+        let scope = Some("metadata.name=goauthentik");
+        assert_eq!(cache.secret_status("authentik", "goauthentik"), SecretStatus::Unknown);
+        cache.relisted(Kind::Secret, "authentik", scope, &BTreeSet::new());
+        assert_eq!(cache.secret_status("authentik", "goauthentik"), SecretStatus::Missing);
+        cache.put(Kind::Secret, "authentik", &goauthentik(&json!({"A": "eA==", "B": "eQ=="})));
+        assert_eq!(cache.secret_status("authentik", "goauthentik"), SecretStatus::Present);
+        assert!(cache.changed_keys("authentik", "goauthentik").is_empty());
+        cache.put(Kind::Secret, "authentik", &goauthentik(&json!({"A": "eg==", "C": "eQ=="})));
+        assert_eq!(cache.changed_keys("authentik", "goauthentik"), ["A", "C", "B"]);
+        cache.remove(Kind::Secret, "authentik", "goauthentik");
+        assert_eq!(cache.secret_status("authentik", "goauthentik"), SecretStatus::Missing);
     }
 }

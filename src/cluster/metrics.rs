@@ -9,12 +9,12 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
-        gauge::{ConstGauge, Gauge},
+        gauge::ConstGauge,
     },
     registry::Registry,
 };
 
-use super::cache::Cache;
+use super::{cache::Cache, lease::Leadership};
 use crate::core::{mutate::ObjectKind, reconcile::Reason};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -25,16 +25,20 @@ struct WriteLabels {
 }
 
 /// The metrics the cluster view keeps itself.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    leader: Gauge,
+    leadership: Leadership,
     writes: Family<WriteLabels, Counter>,
 }
 
 impl Metrics {
-    /// Whether this replica holds the Lease.
-    pub fn leader(&self, leading: bool) {
-        self.leader.set(i64::from(leading));
+    /// Metrics that read whether this replica leads from `leadership` at each scrape.
+    #[must_use]
+    pub fn new(leadership: Leadership) -> Self {
+        Self {
+            leadership,
+            writes: Family::default(),
+        }
     }
 
     /// Counts one reconcile write.
@@ -51,32 +55,40 @@ impl Metrics {
     /// Adds these metrics, and the cache's state read at each scrape, to `registry`.
     pub fn register(self: &Arc<Self>, registry: &mut Registry, cache: Arc<Cache>) {
         registry.register(
-            "cluster_leader",
-            "1 while this replica holds the reconciler's Lease",
-            self.leader.clone(),
-        );
-        registry.register(
             "reconcile_writes",
             "Writes the reconciler made, by object kind, reason and result",
             self.writes.clone(),
         );
-        registry.register_collector(Box::new(CacheState(cache)));
+        registry.register_collector(Box::new(CacheState(cache, self.leadership.clone())));
     }
 }
 
-/// The cache's sync state and object counts, read when Prometheus scrapes.
+/// The cache's sync state and object counts, and the Lease, read when Prometheus scrapes.
 #[derive(Debug)]
-struct CacheState(Arc<Cache>);
+struct CacheState(Arc<Cache>, Leadership);
 
 impl Collector for CacheState {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let (deployments, services, secrets) = self.0.counts();
         let gauge = |v: usize| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        // The Lease's deadline is judged now: a replica that stopped hearing from the apiserver
+        // shows 0 from its deadline on, not from when its Lease task next wakes.
+        let leading = crate::cluster::lease::may_act(&self.1, std::time::Duration::ZERO);
         for (name, help, value) in [
             (
+                "cluster_leader",
+                "1 while this replica holds the reconciler's Lease (and may write)",
+                usize::from(leading),
+            ),
+            (
                 "cluster_cache_synced",
-                "1 once every watch has listed once and none is refused",
+                "1 once every watch has listed once or been refused",
                 usize::from(self.0.ready()),
+            ),
+            (
+                "cluster_forbidden",
+                "Requests the apiserver refuses now (403): watches, writes, the Lease",
+                self.0.forbidden().len(),
             ),
             (
                 "cluster_cache_deployments",

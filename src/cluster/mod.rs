@@ -1,16 +1,19 @@
 //! The cluster view and the reconciler, beside the admission server in the same binary: a watch
 //! cache that admission reads ([`cache`]), a `coordination.k8s.io/v1` Lease so that one replica
-//! at a time writes, and the reconciler's writes ([`reconciler`]).
+//! at a time writes ([`lease`]), the reconciler's writes ([`reconciler`]) and the Events it leaves
+//! on what it writes ([`events`]).
 //!
 //! Network I/O to the apiserver; imports nothing from `serve` or `cmd`. The decisions are the
 //! core's (`core::cluster`, `core::reconcile`).
 
 pub mod cache;
+pub mod events;
 pub mod inspect;
+pub mod lease;
 pub mod metrics;
 pub mod reconciler;
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use kube::{Client, Config};
 use tokio::{sync::watch, task::JoinHandle};
@@ -84,18 +87,23 @@ pub fn identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// The view's clients: one for watches, which stay open for minutes with nothing to read, and
-/// one for the Lease and the writes, with read and write timeouts under the Lease's grace
-/// period, so that a connection that died silently ends a renewal or a write in seconds rather
-/// than leave a replica believing it still leads.
+/// The view's clients: one for watches, which stay open for up to a minute with nothing to read,
+/// and one for the Lease, the writes and Events, with short timeouts and no retries, so that a
+/// request to an apiserver that went away ends in seconds rather than leave a replica believing
+/// it still leads (kube's default client retries 429, 503 and 504 up to 15 times).
 #[derive(Clone)]
 pub struct Clients {
     pub watch: Client,
     pub requests: Client,
 }
 
-/// How long one Lease or write request may wait on the apiserver.
+/// How long one Lease or write request may take, connecting included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a connection to the apiserver may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A watch read that waits longer than this has lost its connection: the apiserver ends each
+/// watch after `cache::WATCH_TIMEOUT_SECONDS` and sends bookmarks meanwhile.
+const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// The clients for `mode`, or `None` when the view is off.
 ///
@@ -116,11 +124,15 @@ pub async fn client(mode: Mode) -> Result<Option<Clients>, ClusterError> {
         }
         Mode::On => Config::infer().await.map_err(ClusterError::Infer)?,
     };
-    let mut bounded = config.clone();
+    let mut watch = config.clone();
+    watch.read_timeout = Some(WATCH_READ_TIMEOUT);
+    let mut bounded = config;
+    bounded.connect_timeout = Some(CONNECT_TIMEOUT);
     bounded.read_timeout = Some(REQUEST_TIMEOUT);
     bounded.write_timeout = Some(REQUEST_TIMEOUT);
+    bounded.default_retry = false;
     Ok(Some(Clients {
-        watch: Client::try_from(config).map_err(ClusterError::Client)?,
+        watch: Client::try_from(watch).map_err(ClusterError::Client)?,
         requests: Client::try_from(bounded).map_err(ClusterError::Client)?,
     }))
 }
@@ -144,19 +156,15 @@ impl Running {
 
 /// Starts the watch cache, the Lease and the reconciler, all in the background: nothing here
 /// waits for the apiserver, so admission starts even when it is down or refuses the Lease.
-/// `policy` returns the policy in force; `secrets` are the Secret names it reads (watched by
-/// name).
+/// `policy` returns the policy in force; the Secrets it reads are followed as it changes.
 pub fn start(
     clients: Clients,
     settings: &Settings,
-    secrets: &BTreeSet<String>,
-    policy: impl Fn() -> Arc<crate::core::policy::Policy> + Send + 'static,
+    policy: impl Fn() -> Arc<crate::core::policy::Policy> + Clone + Send + Sync + 'static,
     stop: watch::Receiver<bool>,
 ) -> Running {
-    let (cache, mut tasks) = Cache::spawn(&clients.watch, &settings.namespaces, secrets);
-    cache.report_refusals_only(settings.mode != Mode::On);
-    let metrics = Arc::new(metrics::Metrics::default());
-    let (leader, lease) = reconciler::hold_lease(
+    let (cache, mut tasks) = Cache::spawn(&clients.watch, &settings.namespaces);
+    let (leadership, lease) = lease::hold(
         clients.requests.clone(),
         settings.lease_namespace.clone(),
         settings.identity.clone(),
@@ -164,14 +172,23 @@ pub fn start(
         settings.pace.max_backoff,
         stop.clone(),
     );
+    let metrics = Arc::new(metrics::Metrics::new(leadership.clone()));
     tasks.push(lease);
+    let events = events::Events::new(
+        clients.requests.clone(),
+        &settings.identity,
+        policy.clone(),
+    );
     tasks.push(tokio::spawn(reconciler::run(
-        clients,
-        Arc::clone(&cache),
-        policy,
-        leader,
-        Arc::clone(&metrics),
-        settings.pace,
+        reconciler::Reconciler {
+            clients,
+            cache: Arc::clone(&cache),
+            policy,
+            leadership,
+            events,
+            metrics: Arc::clone(&metrics),
+            pace: settings.pace,
+        },
         stop,
     )));
     info!(
@@ -186,6 +203,3 @@ pub fn start(
         tasks,
     }
 }
-
-/// How long a Lease lasts without renewal; another replica takes over after it.
-pub const LEASE_DURATION: Duration = Duration::from_secs(15);

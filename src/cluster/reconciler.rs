@@ -1,42 +1,57 @@
 //! The reconciler: on every change the cache sees (and on a resync timer), the Lease holder plans
-//! the writes that bring outpost objects to what the webhook wants and sends them through the
-//! apiserver, so admission (this same webhook) shapes the final object. Also holds the Lease
-//! ([`hold_lease`]) that says which replica that is.
+//! the writes that bring outpost objects to what the webhook wants, and sends them through the
+//! apiserver, leaving an Event on each object it writes ([`events`](super::events)).
 //!
-//! Network I/O: JSON patches with field manager `outpost-webhook`. It writes only outpost objects,
-//! never finalizers, owner references, a Deployment's `spec.selector` or any ports (the plan's
-//! operations are the core's, which never touch those). Writing stops at once when leadership is
-//! lost. Rolls are rate-limited: at most one Deployment write per `roll_interval`. A write the
-//! apiserver refuses (403) is logged once and keeps readiness false until one succeeds.
+//! Network I/O: for each planned write, a GET of the object and a JSON patch of it, field manager
+//! `outpost-webhook`. The patch is the whole fix admission would make to that object as read,
+//! after a `test` of its `resourceVersion`: the object ends right whether or not a registration
+//! sends the write through the webhook (installed before its registration, the leader writes no
+//! fragment such as a checksum without the env it belongs to), and a patch is never applied to a
+//! version it was not computed for. It writes only outpost objects, never finalizers, owner
+//! references, a Deployment's `spec.selector` or any ports (the operations are the core's, which
+//! never touch those). A write starts only while the Lease is this replica's for longer than the
+//! write can take. Rolls are rate-limited: at most one Deployment write per `roll_interval`.
+//!
+//! It also keeps the Secret watchers in step with the policy in force: a Secret a reloaded policy
+//! names is followed, one it no longer names is dropped.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams},
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
 };
-use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
+use serde_json::Value;
 use tokio::{
     sync::watch,
-    task::{JoinHandle, JoinSet},
+    task::{AbortHandle, JoinSet},
     time::Instant,
 };
 use tracing::{debug, info, warn};
 
 use super::{
-    LEASE_DURATION, LEASE_NAME,
+    REQUEST_TIMEOUT,
     cache::{Cache, Refusal},
+    events::Events,
+    lease::{Leadership, may_act},
     metrics::Metrics,
 };
 use crate::core::{
     mutate::ObjectKind,
     policy::Policy,
-    reconcile::{Reason, Write, plan},
+    reconcile::{HeldBack, Plan, Reason, Write, plan, service_reason, write_ops},
 };
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "outpost-webhook";
+
+/// How often the reconciler checks whether the policy in force names other Secrets.
+const POLICY_CHECK: Duration = Duration::from_secs(2);
 
 /// How the reconciler paces itself.
 #[derive(Debug, Clone, Copy)]
@@ -59,47 +74,122 @@ impl Default for Pace {
     }
 }
 
-/// Sends one write: a JSON patch of the object, as field manager [`FIELD_MANAGER`].
+/// The object a write went to, as the apiserver answered the patch: for its Event.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub object: DynamicObject,
+    /// Why, from what was sent: the cache may have changed since the plan.
+    pub reason: Reason,
+}
+
+fn resource_of(kind: ObjectKind) -> ApiResource {
+    match kind {
+        ObjectKind::Service => ApiResource::erase::<Service>(&()),
+        ObjectKind::Deployment => ApiResource::erase::<Deployment>(&()),
+    }
+}
+
+/// Reads `write`'s object and sends the whole fix for it, as field manager [`FIELD_MANAGER`],
+/// if `may_patch` still allows it once the object is read. `Ok(None)`: nothing was sent (the
+/// object was already right when read, or the Lease ran short).
 ///
 /// # Errors
-/// What the apiserver answered, when it refused the write.
-pub async fn send(client: &Client, write: &Write) -> Result<(), kube::Error> {
+/// What the apiserver answered, when it refused the read or the patch. A patch whose
+/// `resourceVersion` test fails (the object changed since it was read) is refused too; the next
+/// pass plans again.
+pub async fn send(
+    client: &Client,
+    policy: &Policy,
+    view: &(dyn crate::core::cluster::View + Sync),
+    write: &Write,
+    may_patch: impl Fn() -> bool,
+) -> Result<Option<Written>, kube::Error> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &write.namespace, &resource_of(write.kind));
+    let object = api.get(&write.name).await?;
+    let value = serde_json::to_value(&object).map_err(kube::Error::SerdeError)?;
+    let ops = write_ops(policy, view, write.kind, write.reason, &value);
+    if ops.is_empty() || !may_patch() {
+        return Ok(None);
+    }
+    let reason = match write.kind {
+        ObjectKind::Service => service_reason(&ops),
+        ObjectKind::Deployment => write.reason,
+    };
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..PatchParams::default()
     };
-    let patch: Patch<()> = Patch::Json(json_patch::Patch(write.ops.clone()));
-    match write.kind {
-        ObjectKind::Service => Api::<Service>::namespaced(client.clone(), &write.namespace)
-            .patch(&write.name, &params, &patch)
-            .await
-            .map(drop),
-        ObjectKind::Deployment => Api::<Deployment>::namespaced(client.clone(), &write.namespace)
-            .patch(&write.name, &params, &patch)
-            .await
-            .map(drop),
+    let object = api
+        .patch(
+            &write.name,
+            &params,
+            &Patch::<()>::Json(json_patch::Patch(ops)),
+        )
+        .await?;
+    Ok(Some(Written { object, reason }))
+}
+
+/// The Secret watchers the reconciler owns, by Secret name.
+#[derive(Default)]
+struct SecretWatchers {
+    tasks: JoinSet<()>,
+    by_name: BTreeMap<String, Vec<AbortHandle>>,
+}
+
+impl SecretWatchers {
+    /// Follows exactly the Secrets `policy` reads.
+    fn follow(&mut self, cache: &Arc<Cache>, client: &Client, policy: &Policy) {
+        let names = policy.secret_names();
+        for gone in cache.unfollow_secrets(&names) {
+            for handle in self.by_name.remove(&gone).into_iter().flatten() {
+                handle.abort();
+            }
+            info!(secret = %gone, "The policy no longer reads this Secret: stopped watching it");
+        }
+        for (name, watcher) in cache.follow_secrets(client, &names) {
+            let handle = self.tasks.spawn(watcher);
+            self.by_name.entry(name).or_default().push(handle);
+        }
+        // Reap watchers that ended (aborted above).
+        while self.tasks.try_join_next().is_some() {}
     }
 }
 
-/// Runs until `stop` turns true: plans on every change and resync, and writes while `leader` is
-/// true. `policy` returns the policy in force (it may be reloaded meanwhile); a Secret that a
-/// reloaded policy names is followed from the next pass on.
-pub async fn run(
-    clients: super::Clients,
-    cache: Arc<Cache>,
-    policy: impl Fn() -> Arc<Policy>,
-    mut leader: watch::Receiver<bool>,
-    metrics: Arc<Metrics>,
-    pace: Pace,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Everything [`run`] works with.
+pub struct Reconciler<P> {
+    pub clients: super::Clients,
+    pub cache: Arc<Cache>,
+    /// The policy in force (it may be reloaded meanwhile).
+    pub policy: P,
+    pub leadership: Leadership,
+    pub events: Events,
+    pub metrics: Arc<Metrics>,
+    pub pace: Pace,
+}
+
+/// Runs until `stop` turns true: plans on every change and resync, and writes while the Lease is
+/// this replica's.
+pub async fn run<P: Fn() -> Arc<Policy>>(r: Reconciler<P>, mut stop: watch::Receiver<bool>) {
+    let Reconciler {
+        clients,
+        cache,
+        policy,
+        mut leadership,
+        events,
+        metrics,
+        pace,
+    } = r;
     let mut failures: u32 = 0;
     let mut last_roll: Option<Instant> = None;
-    // Watchers of Secrets named after start. Dropping the set (this loop ending or being
-    // aborted) stops them.
-    let mut secret_watchers = JoinSet::new();
+    // Dropping the watchers (this loop ending or being aborted) stops them.
+    let mut secrets = SecretWatchers::default();
+    secrets.follow(&cache, &clients.watch, &policy());
     // False once the Lease task is gone: its receiver then answers at once, every time.
     let mut lease_alive = true;
+    // What was held back and already told, so a resync does not repeat it.
+    let mut told: BTreeSet<(String, String, Vec<String>)> = BTreeSet::new();
+    let mut check = tokio::time::interval(POLICY_CHECK);
     loop {
         let wait = if failures == 0 {
             pace.resync
@@ -110,40 +200,35 @@ pub async fn run(
         // cache must not turn retries of a refused write into a hot loop.
         tokio::select! {
             () = cache.changed.notified(), if failures == 0 => {}
-            changed = leader.changed(), if lease_alive => lease_alive = changed.is_ok(),
+            changed = leadership.changed(), if lease_alive => lease_alive = changed.is_ok(),
             () = tokio::time::sleep(wait) => {}
+            _ = check.tick() => {
+                if policy().secret_names() == cache.followed_secrets() {
+                    continue;
+                }
+            }
             () = stopped(&mut stop) => return,
         }
         let policy = policy();
-        for watcher in cache.follow_secrets(&clients.watch, &policy.secret_names()) {
-            secret_watchers.spawn(watcher);
-        }
-        // Marked seen, so a change this pass already reads does not wake another pass.
-        let leading = lease_alive && *leader.borrow_and_update();
-        metrics.leader(leading);
-        // Synced, not ready: a refused write keeps readiness false, and must still be retried.
-        if !leading || !cache.synced() {
+        secrets.follow(&cache, &clients.watch, &policy);
+        leadership.borrow_and_update();
+        if leadership.borrow().is_none() {
+            // Not leading: the next change of leadership wakes the loop.
             continue;
         }
-        let (services, deployments) = cache.stored();
-        let mut failed = false;
-        // One object at a time: the cache keeps compact text, and 1,000 outposts parsed at once
-        // would be ten times its size.
-        let planned = |text: &Arc<str>, service: bool| {
-            let Ok(object) = serde_json::from_str(text) else {
-                return Vec::new();
-            };
-            let one = std::slice::from_ref(&object);
-            if service {
-                plan(&policy, cache.as_ref(), one, &[])
-            } else {
-                plan(&policy, cache.as_ref(), &[], one)
+        if !cache.synced() || !may_act(&leadership, REQUEST_TIMEOUT) {
+            // Leading, but the view is incomplete or the Lease is being renewed: soon again.
+            failures = failures.max(1);
+            continue;
+        }
+        let Plan { writes, held_back } = plan_all(&policy, &cache);
+        for held in held_back {
+            let key = (held.namespace.clone(), held.name.clone(), held.problems.clone());
+            if told.insert(key) {
+                hold_back(&clients.requests, &events, &held).await;
             }
-        };
-        let writes = services
-            .iter()
-            .flat_map(|s| planned(s, true))
-            .chain(deployments.iter().flat_map(|d| planned(d, false)));
+        }
+        let mut failed = false;
         for write in writes {
             if write.kind == ObjectKind::Deployment {
                 if let Some(last) = last_roll {
@@ -151,24 +236,33 @@ pub async fn run(
                 }
                 last_roll = Some(Instant::now());
             }
-            // Leadership is checked before each write: a lost Lease stops writing at once.
-            if !lease_alive || !*leader.borrow() {
+            // The read and the patch each take up to REQUEST_TIMEOUT, and each must end while
+            // the Lease is still this replica's: otherwise another may have taken it by then.
+            let may_patch = || lease_alive && may_act(&leadership, REQUEST_TIMEOUT);
+            if !may_patch() {
+                failed = true;
                 break;
             }
-            let result = send(&clients.requests, &write).await;
-            metrics.write(write.kind, write.reason, result.is_ok());
-            if let Err(e) = &result {
-                failed = true;
-                refused_write(&cache, &write, e);
-            } else {
-                cache.allow(&["patch"], resource(write.kind), None, &write.namespace);
-                info!(
-                    kind = write.kind.as_str(),
-                    namespace = %write.namespace,
-                    name = %write.name,
-                    reason = write.reason.as_str(),
-                    "Reconciled"
-                );
+            match send(&clients.requests, &policy, cache.as_ref(), &write, may_patch).await {
+                Ok(None) => {}
+                Ok(Some(written)) => {
+                    metrics.write(write.kind, written.reason, true);
+                    cache.allow(&["get, patch"], resource(write.kind), None, &write.namespace);
+                    info!(
+                        kind = write.kind.as_str(),
+                        namespace = %write.namespace,
+                        name = %write.name,
+                        reason = written.reason.as_str(),
+                        "Reconciled"
+                    );
+                    events.wrote(&cache, written.reason, &write, &written.object).await;
+                }
+                Err(e) => {
+                    metrics.write(write.kind, write.reason, false);
+                    failed = true;
+                    refused_write(&cache, &write, &e);
+                    events.refused(&write, &e).await;
+                }
             }
         }
         // The backoff doubles over passes that keep failing, and resets after one that does not.
@@ -181,22 +275,76 @@ pub async fn run(
     }
 }
 
-/// Logs a failed write. A 403 is recorded in the cache (readiness false) and logged once, not on
-/// every retry.
+/// The plan for every stored object, one object at a time: the cache keeps compact text, and
+/// 1,000 outposts parsed at once would be ten times its size.
+fn plan_all(policy: &Policy, cache: &Cache) -> Plan {
+    let (services, deployments) = cache.stored();
+    let mut out = Plan::default();
+    for (text, service) in services
+        .iter()
+        .map(|s| (s, true))
+        .chain(deployments.iter().map(|d| (d, false)))
+    {
+        let Ok(object) = serde_json::from_str::<Value>(text) else {
+            continue;
+        };
+        let one = std::slice::from_ref(&object);
+        let p = if service {
+            plan(policy, cache, one, &[])
+        } else {
+            plan(policy, cache, &[], one)
+        };
+        out.writes.extend(p.writes);
+        out.held_back.extend(p.held_back);
+    }
+    out
+}
+
+/// Tells, once per distinct set of problems, that an outpost Deployment is not rolled.
+async fn hold_back(client: &Client, events: &Events, held: &HeldBack) {
+    warn!(
+        namespace = %held.namespace,
+        name = %held.name,
+        problems = %held.problems.join("; "),
+        "Not rolling an outpost whose new pods could not start; fix the Secret or the policy"
+    );
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &held.namespace,
+        &resource_of(ObjectKind::Deployment),
+    );
+    if let Ok(object) = api.get(&held.name).await {
+        events.held_back(&object, &held.problems).await;
+    }
+}
+
+/// Logs a failed write. A 403 is recorded in the cache and logged once, not on every retry.
 fn refused_write(cache: &Cache, write: &Write, e: &kube::Error) {
     let Some(status) = forbidden(e) else {
-        warn!(
-            kind = write.kind.as_str(),
-            namespace = %write.namespace,
-            name = %write.name,
-            reason = write.reason.as_str(),
-            error = %e,
-            "A reconcile write failed; it is planned again after a backoff"
-        );
+        // 409/422: the object changed between the read and the patch (its resourceVersion test
+        // failed), which a busy controller causes: planned again.
+        let conflict = matches!(e, kube::Error::Api(s) if s.code == 409 || s.code == 422);
+        if conflict {
+            info!(
+                kind = write.kind.as_str(),
+                namespace = %write.namespace,
+                name = %write.name,
+                "The object changed while it was written; planned again"
+            );
+        } else {
+            warn!(
+                kind = write.kind.as_str(),
+                namespace = %write.namespace,
+                name = %write.name,
+                reason = write.reason.as_str(),
+                error = %e,
+                "A reconcile write failed; it is planned again after a backoff"
+            );
+        }
         return;
     };
     let refusal = Refusal {
-        verb: "patch".into(),
+        verb: "get, patch".into(),
         resource: resource(write.kind),
         scope: None,
         namespace: write.namespace.clone(),
@@ -208,8 +356,7 @@ fn refused_write(cache: &Cache, write: &Write, e: &kube::Error) {
             forbidden = %what,
             name = %write.name,
             answer = %status.message,
-            "The apiserver refused a reconcile write: RBAC must allow it. Retried with backoff; \
-             readiness stays false until a write succeeds"
+            "The apiserver refused a reconcile write: RBAC must allow it. Retried with backoff"
         );
     } else {
         debug!(forbidden = %what, name = %write.name, "A reconcile write is still refused");
@@ -225,7 +372,7 @@ fn resource(kind: ObjectKind) -> &'static str {
 }
 
 /// The apiserver's answer when it was 403 Forbidden.
-fn forbidden(e: &kube::Error) -> Option<&kube::core::Status> {
+pub(super) fn forbidden(e: &kube::Error) -> Option<&kube::core::Status> {
     match e {
         kube::Error::Api(s) if s.code == 403 => Some(s),
         _ => None,
@@ -233,535 +380,19 @@ fn forbidden(e: &kube::Error) -> Option<&kube::core::Status> {
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is dropped here, not held across a caller's await.
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// The verbs the Lease needs, named when the apiserver's message does not say which it refused.
-const LEASE_VERBS: &str = "get, create, patch";
-
-/// Seconds before the Lease expires at which its holder renews it.
-const LEASE_GRACE_SECONDS: u64 = 5;
-
-/// Holds the Lease [`LEASE_NAME`] in `namespace` as `identity` until `stop` turns true; the
-/// receiver says whether this replica holds it now (false until it does).
-///
-/// Nothing waits for it: building the Lease manager reads the Lease (and creates it when
-/// missing), so an apiserver that is down or a Lease that is forbidden must not hold up
-/// admission. Any error turns the receiver false at once, so writing stops, and the manager is
-/// built again after a backoff (one second doubling up to `max_backoff`). A 403 is recorded in
-/// `cache` (readiness false) and logged once. On stop the Lease is released, so another replica
-/// takes over at once rather than after the lease duration.
-#[must_use]
-pub fn hold_lease(
-    client: Client,
-    namespace: String,
-    identity: String,
-    cache: Arc<Cache>,
-    max_backoff: Duration,
-    mut stop: watch::Receiver<bool>,
-) -> (watch::Receiver<bool>, JoinHandle<()>) {
-    let (leader, receiver) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        let mut failures: u32 = 0;
-        loop {
-            let held = lead(
-                &client,
-                &namespace,
-                &identity,
-                &cache,
-                &leader,
-                &mut failures,
-                &mut stop,
-            );
-            let result = held.await;
-            leader.send_replace(false);
-            let Err(e) = result else { return };
-            failures = failures.saturating_add(1);
-            let wait = backoff(failures, max_backoff);
-            refused_lease(&cache, &namespace, &e, wait);
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = stopped(&mut stop) => return,
-            }
-        }
-    });
-    (receiver, task)
-}
-
-/// Builds the Lease manager and follows it until an error, or `stop` (then `Ok`).
-async fn lead(
-    client: &Client,
-    namespace: &str,
-    identity: &str,
-    cache: &Cache,
-    leader: &watch::Sender<bool>,
-    failures: &mut u32,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<(), LeaseManagerError> {
-    let build = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
-        .with_namespace(namespace)
-        .with_identity(identity)
-        .with_duration(LEASE_DURATION.as_secs())
-        .with_grace(LEASE_GRACE_SECONDS)
-        .with_field_manager(FIELD_MANAGER)
-        .build();
-    let manager = tokio::select! {
-        manager = build => manager?,
-        () = stopped(stop) => return Ok(()),
-    };
-    // Building read the Lease, and created it if it was missing.
-    cache.allow(&["get", "create"], "leases", None, namespace);
-    loop {
-        tokio::select! {
-            leading = manager.changed() => {
-                let leading = leading?;
-                cache.allow(&["get", "create", "patch", LEASE_VERBS], "leases", None, namespace);
-                *failures = 0;
-                leader.send_replace(leading);
-                if leading {
-                    info!(%identity, "This replica holds the reconciler's Lease: it writes");
-                } else {
-                    info!(%identity, "This replica lost the reconciler's Lease: it stops writing");
-                }
-            }
-            () = stopped(stop) => {
-                leader.send_replace(false);
-                if let Err(e) = manager.release().await {
-                    debug!(error = %e, "The Lease could not be released; it expires instead");
-                }
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// Logs a Lease error; a 403 is recorded in the cache and logged once.
-fn refused_lease(cache: &Cache, namespace: &str, e: &LeaseManagerError, wait: Duration) {
-    let status = match e {
-        LeaseManagerError::KubeError(k) => forbidden(k),
-        _ => None,
-    };
-    let Some(status) = status else {
-        warn!(
-            error = %e,
-            retry_in = ?wait,
-            "The reconciler's Lease cannot be held; this replica does not write until it is"
-        );
-        return;
-    };
-    let refusal = Refusal {
-        verb: refused_verb(&status.message).unwrap_or(LEASE_VERBS).into(),
-        resource: "leases",
-        scope: Some(LEASE_NAME.into()),
-        namespace: namespace.to_owned(),
-    };
-    let what = refusal.to_string();
-    let verb = refusal.verb.clone();
-    let new = cache.refuse(refusal);
-    // The Lease is set up in one sequence (get, then create or patch): the latest refusal is the
-    // one in the way, and an earlier one was allowed since.
-    let earlier: Vec<&str> = ["get", "create", "patch", LEASE_VERBS]
-        .into_iter()
-        .filter(|v| *v != verb)
-        .collect();
-    cache.allow(&earlier, "leases", None, namespace);
-    if new {
-        warn!(
-            forbidden = %what,
-            answer = %status.message,
-            "The apiserver refused the reconciler's Lease: RBAC must allow it. Retried with \
-             backoff; readiness stays false until it is allowed"
-        );
-    }
-}
-
-/// The verb in the apiserver's RBAC refusal: `... cannot get resource "leases" ...`.
-fn refused_verb(message: &str) -> Option<&str> {
-    let (_, rest) = message.split_once(" cannot ")?;
-    let (verb, rest) = rest.split_once(' ')?;
-    rest.starts_with("resource ").then_some(verb)
-}
-
 /// One second, doubled per failure, capped.
-fn backoff(failures: u32, max: Duration) -> Duration {
+pub(super) fn backoff(failures: u32, max: Duration) -> Duration {
     Duration::from_secs(1u64 << failures.min(16)).min(max)
 }
-
-/// Every reason, for metrics.
-pub const REASONS: [Reason; 2] = [Reason::SelectorFollowsPods, Reason::SecretChanged];
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        core::{mutate::secret_checksum, policy::Outpost},
-        k8s::SECRET_CHECKSUM,
-    };
-    use futures::FutureExt as _;
-    use http::{Request, Response};
-    use json_patch::{PatchOperation, ReplaceOperation, jsonptr::PointerBuf};
-    use kube::client::Body;
-    use serde_json::{Value, json};
-    use tower_test::mock::{Handle, SendResponse};
-
-    type Mock = Handle<Request<Body>, Response<Body>>;
-
-    /// Longer than any wait the loop makes; in paused time it passes at once when nothing is
-    /// left to run, so a missing request fails the test instead of hanging it.
-    const BOUND: Duration = Duration::from_secs(600);
-
-    fn write(kind: ObjectKind) -> Write {
-        Write {
-            kind,
-            namespace: "authentik".into(),
-            name: "ak-outpost-o".into(),
-            ops: vec![PatchOperation::Replace(ReplaceOperation {
-                path: PointerBuf::from_tokens(["spec", "selector"]),
-                value: json!({"app.kubernetes.io/name": "authentik-outpost-proxy"}),
-            })],
-            reason: Reason::SelectorFollowsPods,
-        }
-    }
-
-    /// The next request to the mock apiserver, which must be a JSON patch of `path` by the
-    /// field manager; its body, and the means to answer it.
-    async fn next_patch(handle: &mut Mock, path: &str) -> (Value, SendResponse<Response<Body>>) {
-        let (request, send) = tokio::time::timeout(BOUND, handle.next_request())
-            .await
-            .expect("a request in time")
-            .expect("a request");
-        assert_eq!(request.method(), http::Method::PATCH);
-        assert_eq!(request.uri().path(), path);
-        assert!(
-            request
-                .uri()
-                .query()
-                .is_some_and(|q| q.split('&').any(|kv| kv == "fieldManager=outpost-webhook")),
-            "{:?}",
-            request.uri()
-        );
-        assert_eq!(
-            request.headers()["content-type"],
-            "application/json-patch+json"
-        );
-        let body = request.into_body().collect_bytes().await.unwrap();
-        (serde_json::from_slice(&body).unwrap(), send)
-    }
-
-    fn answer(send: SendResponse<Response<Body>>, code: u16, body: &Value) {
-        send.send_response(
-            Response::builder()
-                .status(code)
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(body).unwrap()))
-                .unwrap(),
-        );
-    }
-
-    /// A 403 as the apiserver words it when RBAC lacks `verb`.
-    fn forbidden_status(verb: &str, resource: &str, namespace: &str) -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": format!("{resource} \"x\" is forbidden: User \
-                   \"system:serviceaccount:outpost-webhook:outpost-webhook\" cannot {verb} \
-                   resource \"{resource}\" in API group \"\" in the namespace \"{namespace}\""),
-               "reason": "Forbidden", "details": {"kind": resource}, "code": 403})
-    }
-
-    async fn serve_once(mut handle: Mock, path: &'static str, object: Value) {
-        let (ops, send) = next_patch(&mut handle, path).await;
-        assert_eq!(
-            ops,
-            json!([{"op": "replace", "path": "/spec/selector",
-                    "value": {"app.kubernetes.io/name": "authentik-outpost-proxy"}}])
-        );
-        answer(send, 200, &object);
-    }
-
-    #[tokio::test]
-    async fn a_service_write_is_one_json_patch_by_the_field_manager() {
-        let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(mock, "default");
-        let server = tokio::spawn(serve_once(
-            handle,
-            "/api/v1/namespaces/authentik/services/ak-outpost-o",
-            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ak-outpost-o"}}),
-        ));
-        send(&client, &write(ObjectKind::Service)).await.unwrap();
-        server.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_deployment_write_goes_to_the_apps_group() {
-        let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(mock, "default");
-        let server = tokio::spawn(serve_once(
-            handle,
-            "/apis/apps/v1/namespaces/authentik/deployments/ak-outpost-o",
-            json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "ak-outpost-o"}}),
-        ));
-        let mut w = write(ObjectKind::Deployment);
-        w.reason = Reason::SecretChanged;
-        send(&client, &w).await.unwrap();
-        server.await.unwrap();
-    }
-
-    const UUID: &str = "0eecac0797c7443c892505f2f4fe3e47";
-    const SERVICE_PATH: &str = "/api/v1/namespaces/authentik/services/ak-outpost-o";
-
-    fn labels() -> Value {
-        json!({"app.kubernetes.io/managed-by": "goauthentik.io",
-               "goauthentik.io/outpost-name": "o", "goauthentik.io/outpost-type": "proxy",
-               "goauthentik.io/outpost-uuid": UUID})
-    }
-
-    /// The cache as the watchers would fill it: a standalone outpost Deployment whose Secret
-    /// checksum is current, and its Service still selecting the authentik server pods.
-    fn seeded(policy: &Policy) -> Arc<Cache> {
-        let cache = Arc::new(Cache::default());
-        let service: Service = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "ak-outpost-o", "namespace": "authentik", "labels": labels()},
-            "spec": {"selector": {"app.kubernetes.io/name": "authentik",
-                                  "app.kubernetes.io/component": "server"}}}))
-        .unwrap();
-        let outpost = Outpost {
-            name: "o",
-            kind: "proxy",
-            uuid: UUID,
-        };
-        let checksum = secret_checksum(
-            &policy.for_outpost(&outpost).deployment,
-            &*cache,
-            "authentik",
-        );
-        let mut pods = labels();
-        pods["app.kubernetes.io/name"] = json!("authentik-outpost-proxy");
-        let deployment: Deployment = serde_json::from_value(json!({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "ak-outpost-o", "namespace": "authentik", "labels": labels()},
-            "spec": {"selector": {"matchLabels": pods},
-                     "template": {"metadata": {"labels": pods,
-                                               "annotations": {SECRET_CHECKSUM: checksum}},
-                                  "spec": {"containers": [{"name": "proxy"}]}}}}))
-        .unwrap();
-        cache.apply("authentik", &deployment);
-        cache.apply("authentik", &service);
-        cache
-    }
-
-    /// The one write the seeded cache needs: the Service selects the outpost's pods, and the
-    /// selector it had is recorded so that it can be restored.
-    fn selector_write() -> Value {
-        json!([
-            {"op": "replace", "path": "/spec/selector", "value": {
-                "app.kubernetes.io/name": "authentik-outpost-proxy",
-                "app.kubernetes.io/managed-by": "goauthentik.io",
-                "goauthentik.io/outpost-name": "o", "goauthentik.io/outpost-type": "proxy",
-                "goauthentik.io/outpost-uuid": UUID}},
-            {"op": "add", "path": "/metadata/annotations", "value": {
-                "outpost-webhook/original-selector":
-                    "{\"app.kubernetes.io/component\":\"server\",\"app.kubernetes.io/name\":\"authentik\"}"}}
-        ])
-    }
-
-    /// `run` against a mock apiserver, with the cache seeded.
-    struct Loop {
-        cache: Arc<Cache>,
-        leader: watch::Sender<bool>,
-        stop: watch::Sender<bool>,
-        apiserver: Mock,
-        task: JoinHandle<()>,
-    }
-
-    impl Loop {
-        fn start(leading: bool) -> Self {
-            let (mock, apiserver) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-            let policy = Arc::new(Policy::builtin().unwrap());
-            let cache = seeded(&policy);
-            let (leader, leader_rx) = watch::channel(leading);
-            let (stop, stop_rx) = watch::channel(false);
-            let client = Client::new(mock, "default");
-            let task = tokio::spawn(run(
-                crate::cluster::Clients {
-                    watch: client.clone(),
-                    requests: client,
-                },
-                Arc::clone(&cache),
-                move || Arc::clone(&policy),
-                leader_rx,
-                Arc::new(Metrics::default()),
-                Pace::default(),
-                stop_rx,
-            ));
-            Self {
-                cache,
-                leader,
-                stop,
-                apiserver,
-                task,
-            }
-        }
-
-        /// Stops the loop, and checks that it sent nothing more.
-        async fn finish(mut self) {
-            self.stop.send(true).unwrap();
-            tokio::time::timeout(BOUND, self.task)
-                .await
-                .expect("the loop stops")
-                .unwrap();
-            // The loop held the only client: with it gone, the mock reports no request.
-            let rest = tokio::time::timeout(BOUND, self.apiserver.next_request()).await;
-            assert!(matches!(rest, Ok(None)), "an unexpected request");
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_leader_moves_the_service_to_its_pods_with_one_patch() {
-        let mut l = Loop::start(true);
-        let (ops, send) = next_patch(&mut l.apiserver, SERVICE_PATH).await;
-        assert_eq!(ops, selector_write());
-        answer(
-            send,
-            200,
-            &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ak-outpost-o"}}),
-        );
-        l.finish().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_replica_without_the_lease_writes_nothing_until_it_gets_it() {
-        let mut l = Loop::start(false);
-        // Three resyncs pass (in paused time) with the cache wanting a write.
-        tokio::time::sleep(Pace::default().resync * 3).await;
-        assert!(l.apiserver.next_request().now_or_never().is_none());
-        l.leader.send(true).unwrap();
-        let (ops, send) = next_patch(&mut l.apiserver, SERVICE_PATH).await;
-        assert_eq!(ops, selector_write());
-        answer(send, 200, &json!({"apiVersion": "v1", "kind": "Service"}));
-        l.finish().await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_refused_write_keeps_readiness_false_until_a_write_succeeds() {
-        let mut l = Loop::start(true);
-        assert!(l.cache.ready());
-        let (_, send) = next_patch(&mut l.apiserver, SERVICE_PATH).await;
-        answer(
-            send,
-            403,
-            &forbidden_status("patch", "services", "authentik"),
-        );
-        // Retried after a backoff: by then the refusal is recorded.
-        let (ops, send) = next_patch(&mut l.apiserver, SERVICE_PATH).await;
-        assert_eq!(ops, selector_write());
-        assert_eq!(l.cache.forbidden(), ["patch services in authentik"]);
-        assert!(!l.cache.ready());
-        assert!(l.cache.synced());
-        // Refused again: still one refusal (it is logged once).
-        answer(
-            send,
-            403,
-            &forbidden_status("patch", "services", "authentik"),
-        );
-        let (_, send) = next_patch(&mut l.apiserver, SERVICE_PATH).await;
-        assert_eq!(l.cache.forbidden().len(), 1);
-        answer(send, 200, &json!({"apiVersion": "v1", "kind": "Service"}));
-        // The next pass (the resync; the mock does not change the cache) sees it cleared.
-        let (_, send) = next_patch(&mut l.apiserver, SERVICE_PATH).await;
-        assert!(l.cache.forbidden().is_empty());
-        assert!(l.cache.ready());
-        answer(send, 200, &json!({"apiVersion": "v1", "kind": "Service"}));
-        l.finish().await;
-    }
-
-    const LEASE_PATH: &str =
-        "/apis/coordination.k8s.io/v1/namespaces/outpost-webhook/leases/outpost-webhook";
-
-    async fn next_request(
-        handle: &mut Mock,
-        method: http::Method,
-        path: &str,
-    ) -> SendResponse<Response<Body>> {
-        let (request, send) = tokio::time::timeout(BOUND, handle.next_request())
-            .await
-            .expect("a request in time")
-            .expect("a request");
-        assert_eq!((request.method(), request.uri().path()), (&method, path));
-        send
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_forbidden_lease_is_retried_in_the_background_and_keeps_readiness_false() {
-        let (mock, mut apiserver) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let cache = Arc::new(Cache::default());
-        let (stop, stop_rx) = watch::channel(false);
-        // Returns at once: nothing waits for the apiserver.
-        let (leader, task) = hold_lease(
-            Client::new(mock, "default"),
-            "outpost-webhook".into(),
-            "replica-a".into(),
-            Arc::clone(&cache),
-            Duration::from_secs(60),
-            stop_rx,
-        );
-        assert!(!*leader.borrow());
-        let send = next_request(&mut apiserver, http::Method::GET, LEASE_PATH).await;
-        answer(
-            send,
-            403,
-            &forbidden_status("get", "leases", "outpost-webhook"),
-        );
-        let send = next_request(&mut apiserver, http::Method::GET, LEASE_PATH).await;
-        assert_eq!(
-            cache.forbidden(),
-            ["get leases (outpost-webhook) in outpost-webhook"]
-        );
-        assert!(!cache.ready());
-        // Now get is allowed and the Lease missing, but create is refused.
-        answer(
-            send,
-            404,
-            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "reason": "NotFound", "code": 404, "message": "not found"}),
-        );
-        let send = next_request(
-            &mut apiserver,
-            http::Method::POST,
-            "/apis/coordination.k8s.io/v1/namespaces/outpost-webhook/leases",
-        )
-        .await;
-        answer(
-            send,
-            403,
-            &forbidden_status("create", "leases", "outpost-webhook"),
-        );
-        let _pending = next_request(&mut apiserver, http::Method::GET, LEASE_PATH).await;
-        assert_eq!(
-            cache.forbidden(),
-            ["create leases (outpost-webhook) in outpost-webhook"]
-        );
-        assert!(!*leader.borrow());
-        stop.send(true).unwrap();
-        tokio::time::timeout(BOUND, task)
-            .await
-            .expect("the Lease task stops")
-            .unwrap();
-    }
-
-    #[test]
-    fn the_refused_verb_is_read_from_the_apiserver_message() {
-        let message = forbidden_status("create", "leases", "outpost-webhook");
-        assert_eq!(
-            refused_verb(message["message"].as_str().unwrap()),
-            Some("create")
-        );
-        assert_eq!(
-            refused_verb("admission webhook \"x\" denied the request"),
-            None
-        );
-    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {

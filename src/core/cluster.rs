@@ -25,6 +25,73 @@ pub trait View {
     /// The data of Secret `name` in `namespace`, as SHA-256 digests by key. `None` when the view
     /// is off; an empty map when the Secret does not exist.
     fn secret(&self, namespace: &str, name: &str) -> Option<BTreeMap<String, [u8; 32]>>;
+
+    /// Whether Secret `name` in `namespace` exists and can be read, as far as the view knows.
+    /// Views that cannot tell answer [`SecretStatus::Unknown`]: no view, and a snapshot of the
+    /// documents given to `mutate`, where a Secret left out says nothing.
+    fn secret_status(&self, _namespace: &str, _name: &str) -> SecretStatus {
+        SecretStatus::Unknown
+    }
+}
+
+/// What a watch knows of a Secret the policy reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretStatus {
+    /// Not known: no view, or not listed yet.
+    Unknown,
+    /// Listed, and there.
+    Present,
+    /// Listed, and not there: a pod whose env reads it does not start.
+    Missing,
+    /// The apiserver refused to list it (403): the webhook's Role does not name it.
+    Unreadable,
+}
+
+/// Why a Deployment's pods would not start with the Secrets it reads, as the view knows them: one
+/// line per Secret or key, naming it and never its value. Empty when nothing is known to be
+/// wrong.
+#[must_use]
+pub fn secret_problems(
+    view: &dyn View,
+    namespace: &str,
+    refs: &std::collections::BTreeSet<super::policy::SecretRef>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut told = std::collections::BTreeSet::new();
+    for r in refs {
+        match view.secret_status(namespace, &r.name) {
+            SecretStatus::Unknown => {}
+            SecretStatus::Missing => {
+                if told.insert(&r.name) {
+                    out.push(format!(
+                        "Secret {} not found in {namespace}; pods reading it will not start",
+                        r.name
+                    ));
+                }
+            }
+            SecretStatus::Unreadable => {
+                if told.insert(&r.name) {
+                    out.push(format!(
+                        "cannot read Secret {} in {namespace}: the webhook's Role must name it",
+                        r.name
+                    ));
+                }
+            }
+            SecretStatus::Present => {
+                if let Some(key) = &r.key
+                    && view
+                        .secret(namespace, &r.name)
+                        .is_some_and(|data| !data.contains_key(key))
+                {
+                    out.push(format!(
+                        "Secret {} has no key {key}; pods reading it will not start",
+                        r.name
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// No view of the cluster: every question is answered "unknown".
@@ -116,6 +183,12 @@ impl Snapshot {
     pub fn put_secret(&mut self, namespace: &str, name: &str, data: BTreeMap<String, [u8; 32]>) {
         self.secrets
             .insert((namespace.to_owned(), name.to_owned()), data);
+    }
+
+    /// The data digests noted for a Secret, if it was noted.
+    #[must_use]
+    pub fn secret_data(&self, namespace: &str, name: &str) -> Option<&BTreeMap<String, [u8; 32]>> {
+        self.secrets.get(&(namespace.to_owned(), name.to_owned()))
     }
 
     /// Forgets a Secret.

@@ -2,7 +2,7 @@
 //!
 //! No I/O, no clock, no randomness; nothing here imports `serve` or `cmd`. [`admission`] reads and
 //! writes the `AdmissionReview` envelope, [`mutate`] decides, [`cluster`] is what it may know of the
-//! cluster, [`doctor`] checks a cluster's snapshot, [`policy`] says what to fix,
+//! cluster, [`lease`] decides leader election, [`doctor`] checks a cluster's snapshot, [`policy`] says what to fix,
 //! [`quantity`] compares values as the apiserver stores them, and [`laws`] checks the laws every
 //! answer obeys (used by the golden, property and fuzz tests).
 
@@ -10,6 +10,7 @@ pub mod admission;
 pub mod cluster;
 pub mod doctor;
 pub mod laws;
+pub mod lease;
 pub mod mutate;
 pub mod policy;
 pub mod quantity;

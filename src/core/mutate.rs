@@ -22,7 +22,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{
     admission::prune::Keep,
-    cluster::{Off, View},
+    cluster::{Off, View, secret_problems},
     policy::{DeploymentFix, Keyed, Outpost, Policy, SelectorMode},
     quantity::{Quantity, covers},
 };
@@ -244,6 +244,11 @@ pub fn mutate_in(
         ObjectKind::Deployment => {
             let secrets = secret_checksum(&effective.deployment, view, namespace);
             fixer.deployment(&effective.deployment, object, &outpost, secrets.as_deref());
+            // The fix is made all the same: a Secret created or a Role fixed later makes it
+            // right. The warning says so on the write that needs it, where kubectl shows it.
+            for problem in secret_problems(view, namespace, &effective.deployment.secret_refs()) {
+                fixer.note(&problem);
+            }
         }
     }
     fixer.finish()

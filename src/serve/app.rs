@@ -109,12 +109,10 @@ impl App {
         if let Some(cache) = self.cluster.get()
             && !cache.ready()
         {
-            let forbidden = cache.forbidden();
-            return Some(if forbidden.is_empty() {
-                "the cluster view has not listed everything yet".into()
-            } else {
-                format!("the apiserver refuses: {}", forbidden.join("; "))
-            });
+            return Some(format!(
+                "the cluster view has not listed yet: {}",
+                cache.unsettled().join("; ")
+            ));
         }
         None
     }

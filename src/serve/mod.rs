@@ -253,12 +253,10 @@ async fn start_cluster(
     let Some(clients) = crate::cluster::client(settings.mode).await? else {
         return Ok(None);
     };
-    let secrets = app.policy.current().secret_names();
     let policy_app = Arc::clone(app);
     let running = crate::cluster::start(
         clients,
         settings,
-        &secrets,
         move || policy_app.policy.current(),
         stop,
     );

@@ -1,7 +1,7 @@
 //! A real control plane for the tests, as envtest runs one: etcd and kube-apiserver on loopback
 //! ports, a throwaway PKI made here (the apiserver's serving certificate, an admin client
-//! certificate in `system:masters`, the ServiceAccount signing key), `--authorization-mode=Node,RBAC`.
-//! No kubelet, no kube-controller-manager, no kube-proxy: tests write the Pods, EndpointSlices and
+//! certificate in `system:masters`, the `ServiceAccount` signing key), `--authorization-mode=Node,RBAC`.
+//! No kubelet, no kube-controller-manager, no kube-proxy: tests write the Pods, `EndpointSlices` and
 //! Roles those would.
 //!
 //! The binaries come from `scripts/ensure-kube-apiserver.sh`, found by envtest's conventions:
@@ -177,7 +177,7 @@ pub fn tail(path: &Path, n: u64) -> String {
     let Ok(mut f) = std::fs::File::open(path) else {
         return format!("({} missing)", path.display());
     };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let len = f.metadata().map_or(0, |m| m.len());
     let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(n)));
     let mut s = String::new();
     let _ = f.read_to_string(&mut s);
@@ -482,7 +482,7 @@ impl ControlPlane {
             .unwrap();
     }
 
-    /// A token for ServiceAccount `namespace/name`, from the TokenRequest API, as the kubelet
+    /// A token for `ServiceAccount` `namespace/name`, from the `TokenRequest` API, as the kubelet
     /// asks for the projected token it mounts in a pod.
     pub async fn token(&self, namespace: &str, name: &str) -> String {
         let request = serde_json::from_value(json!({

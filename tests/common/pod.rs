@@ -1,6 +1,6 @@
 //! `serve` as a pod runs it against the test control plane: in a private mount namespace where
-//! `/var/run/secrets/kubernetes.io/serviceaccount` holds the ServiceAccount's token (from the
-//! TokenRequest API), the apiserver's CA and the namespace, with `KUBERNETES_SERVICE_HOST` and
+//! `/var/run/secrets/kubernetes.io/serviceaccount` holds the `ServiceAccount`'s token (from the
+//! `TokenRequest` API), the apiserver's CA and the namespace, with `KUBERNETES_SERVICE_HOST` and
 //! `KUBERNETES_SERVICE_PORT` set, so the binary finds in-cluster configuration exactly as it does
 //! in a pod. The container's volumes are directories here; the rendered args are rewritten to
 //! point at them. No kubelet runs it: nothing restarts it, and the probes are the test's.
@@ -21,7 +21,7 @@ pub struct PodSpec<'a> {
     /// The pod's name (`POD_NAME`) and namespace (`POD_NAMESPACE`, the token's namespace).
     pub name: &'a str,
     pub namespace: &'a str,
-    /// The ServiceAccount token to mount.
+    /// The `ServiceAccount` token to mount.
     pub token: &'a str,
     /// The container's args after the binary's name (`serve ...`).
     pub args: Vec<String>,
@@ -39,6 +39,10 @@ pub struct Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
+        // A failing test shows what each replica logged.
+        if std::thread::panicking() {
+            eprintln!("--- {} logged:\n{}", self.name, self.served.lines_so_far().join("\n"));
+        }
         let _ = self.served.child.kill();
         let _ = self.served.child.wait();
     }
@@ -88,7 +92,7 @@ impl Pod {
             .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
             .env("KUBERNETES_SERVICE_PORT", cp.port.to_string())
             .env("POD_NAME", spec.name)
-            .env("POD_NAMESPACE", spec.namespace);
+            .env("POD_NAMESPACE", spec.namespace)
         Self {
             served: spawn_served(command),
             name: spec.name.to_owned(),
