@@ -160,6 +160,10 @@ fn healthy(policy: &Policy) -> World {
         json!({"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": "outpost-webhook", "namespace": "outpost-webhook"},
                "spec": {"selector": {"app.kubernetes.io/name": "outpost-webhook"}}}),
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "outpost-webhook", "namespace": "outpost-webhook"},
+               "spec": {"template": {"metadata": {"labels": {
+                   "app.kubernetes.io/name": "outpost-webhook"}}}}}),
         slice("outpost-webhook", "outpost-webhook", 2),
         namespace(NS),
     ]);
@@ -475,7 +479,7 @@ async fn logs_report_the_session_backend_and_warn_on_filesystem() {
             .to_vec(),
     );
     let (findings, code) = doctor_with(world, true).await;
-    assert_eq!(code, 0);
+    assert_eq!(code, 0, "{}", doctor::render_text(&findings));
     let backends: Vec<(Severity, &str)> = findings
         .iter()
         .filter(|f| f.check == Check::PodSessionBackend)

@@ -6,7 +6,7 @@
 //! runs admission, dry runs, preconditions, defaulting and RBAC; nothing here imitates them.
 //!
 //! What is not running, the tests do as it would:
-//! - no kubelet or kube-controller-manager: the test writes the Pods (Ready) a ReplicaSet and a
+//! - no kubelet or kube-controller-manager: the test writes the Pods (Ready) a `ReplicaSet` and a
 //!   kubelet would, and the `EndpointSlice`s the endpointslice controller would;
 //! - no kube-proxy: the webhook's Service is of type `ExternalName` `localhost`, which the
 //!   apiserver's service resolver dials at the registration's port, so the registration still
@@ -27,7 +27,7 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
+    fmt::Write as _,
     future::Future,
     io::Read as _,
     path::{Path, PathBuf},
@@ -145,11 +145,7 @@ fn rendered_doc(kind: &str) -> Value {
         .clone()
 }
 
-fn labels_at(object: &Value, pointer: &str) -> BTreeMap<String, String> {
-    serde_json::from_value(object.pointer(pointer).cloned().unwrap_or(json!({}))).unwrap()
-}
-
-/// A Pod as a ReplicaSet would create it and a kubelet report it: Ready, with an IP.
+/// A Pod as a `ReplicaSet` would create it and a kubelet report it: Ready, with an IP.
 async fn pod(
     client: &Client,
     namespace: &str,
@@ -290,133 +286,50 @@ impl Cluster {
         let client = cp.client().await;
         let ns = cp.namespace("doctor").await;
         let webhook_ns = cp.namespace("doctor-webhook").await;
-        let registration = format!("outpost-webhook-{ns}");
-
-        // The webhook's certificate for `outpost-webhook.<webhook_ns>.svc`, the name the
-        // apiserver verifies for a Service registration.
-        let certs = temp_dir("doctor-certs");
-        let out = Command::new(BIN)
-            .args(["certs", "--service", WEBHOOK, "--namespace", &webhook_ns])
-            .args(["--san", "127.0.0.1", "--ca-days"])
-            .arg(setup.ca_days.to_string())
-            .arg("--days")
-            .arg(setup.ca_days.min(30).saturating_sub(5).max(1).to_string())
-            .arg("--out")
-            .arg(certs.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-
-        // The webhook's objects, as deploy/plain renders them, in this test's namespace.
-        let mut configmap = rendered_doc("ConfigMap");
-        configmap["metadata"]["namespace"] = json!(webhook_ns);
-        configmap["data"]["policy.yaml"] = json!(setup.policy);
-        Api::<ConfigMap>::namespaced(client.clone(), &webhook_ns)
-            .create(&PostParams::default(), &typed(configmap))
-            .await
-            .unwrap();
-        let mut deployment = rendered_doc("Deployment");
-        deployment["metadata"]["namespace"] = json!(webhook_ns);
-        let pod_labels = deployment["spec"]["template"]["metadata"]["labels"].clone();
-        Api::<Deployment>::namespaced(client.clone(), &webhook_ns)
-            .create(&PostParams::default(), &typed(deployment))
-            .await
-            .unwrap();
-        let mut service = rendered_doc("Service");
-        service["metadata"]["namespace"] = json!(webhook_ns);
-        // No kube-proxy: an ExternalName the apiserver dials itself, selector kept.
-        service["spec"]["type"] = json!("ExternalName");
-        service["spec"]["externalName"] = json!("localhost");
-        Api::<Service>::namespaced(client.clone(), &webhook_ns)
-            .create(&PostParams::default(), &typed(service))
-            .await
-            .unwrap();
-        for (i, name) in ["outpost-webhook-7d9f-aaaaa", "outpost-webhook-7d9f-bbbbb"]
-            .iter()
-            .enumerate()
-        {
-            pod(
-                &client,
-                &webhook_ns,
-                name,
-                &pod_labels,
-                "webhook",
-                &format!("10.0.1.{}", i + 1),
-            )
-            .await;
-        }
-        slice(
-            &client,
-            &webhook_ns,
-            WEBHOOK,
-            ("https", 8443),
-            &["10.0.1.1", "10.0.1.2"],
-        )
-        .await;
-
-        // The reconciler stays idle: another identity holds the Lease for an hour.
-        let now = "2026-01-01T00:00:00.000000Z";
-        dynamic(&client, &ns, "coordination.k8s.io/v1", "Lease")
-            .create(
-                &PostParams::default(),
-                &typed(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": WEBHOOK, "namespace": ns},
-                    "spec": {"holderIdentity": "another-replica", "leaseDurationSeconds": 315_360_000,
-                             "acquireTime": now, "renewTime": now}})),
-            )
-            .await
-            .unwrap();
-
-        // The webhook, with the policy its ConfigMap holds, as the kubelet would mount it.
+        let certs = certs(&webhook_ns, setup.ca_days);
+        install_webhook(&client, &webhook_ns, &setup.policy).await;
+        hold_lease(&client, &ns).await;
         let policy_dir = temp_dir("doctor-policy");
         let policy_file = policy_dir.path().join("policy.yaml");
         std::fs::write(&policy_file, &setup.policy).unwrap();
-        let mut command = Command::new(BIN);
-        command
-            .env("KUBECONFIG", &cp.kubeconfig)
-            .env("POD_NAME", format!("{ns}-replica"))
-            .env_remove("POD_NAMESPACE")
-            .env_remove("KUBERNETES_SERVICE_HOST");
-        let served = serve_with(
-            command,
-            &certs,
-            &[
-                "--cluster",
-                "on",
-                "--watch-namespace",
-                &ns,
-                "--lease-namespace",
-                &ns,
-                "--policy",
-                policy_file.to_str().unwrap(),
-                "--reload-interval",
-                "200ms",
-            ],
-        );
-        wait_for(BOUND, "/readyz answers 200", || async {
-            (health_get(served.health, "/readyz").await.0 == 200).then_some(())
-        })
-        .await;
-
+        let served = serve(cp, &certs, &ns, &policy_file).await;
         let cluster = Self {
             cp,
-            client: client.clone(),
-            ns: ns.clone(),
+            client,
+            registration: format!("outpost-webhook-{ns}"),
+            ns,
             webhook_ns,
-            registration,
             certs,
             policy_file,
             _policy_dir: policy_dir,
             served,
         };
         cluster.register(setup.defaulted_registration).await;
+        cluster.authentik().await;
+        if setup.standalone {
+            cluster.standalone_outpost().await;
+        } else {
+            cluster
+                .services()
+                .create(&PostParams::default(), &outpost_service(&cluster.ns))
+                .await
+                .unwrap();
+            slice(
+                &cluster.client,
+                &cluster.ns,
+                OUTPOST,
+                ("http", 9000),
+                &["10.0.2.1"],
+            )
+            .await;
+        }
+        cluster
+    }
 
-        // authentik: its Secrets, its server, and the outpost.
-        let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    /// authentik's Secrets, and its server: a Deployment, a ready pod, an `EndpointSlice`.
+    async fn authentik(&self) {
+        let (client, ns) = (&self.client, &self.ns);
+        let secrets = Api::<Secret>::namespaced(client.clone(), ns);
         for secret in [
             json!({"metadata": {"name": "goauthentik", "namespace": ns}, "data": {
                 "AUTHENTIK_POSTGRESQL__HOST": b64("postgresql"),
@@ -435,15 +348,15 @@ impl Cluster {
                 .await
                 .unwrap();
         }
-        let server = fixture("unrelated-goauthentik-server-deployment.update.json", &ns);
-        let server_pods = server["spec"]["template"]["metadata"]["labels"].clone();
-        Api::<Deployment>::namespaced(client.clone(), &ns)
-            .create(&PostParams::default(), &typed(server))
+        let server_deployment = fixture("unrelated-goauthentik-server-deployment.update.json", ns);
+        let server_pods = server_deployment["spec"]["template"]["metadata"]["labels"].clone();
+        self.deployments()
+            .create(&PostParams::default(), &typed(server_deployment))
             .await
             .unwrap();
         pod(
-            &client,
-            &ns,
+            client,
+            ns,
             "goauthentik-server-5d8f-a",
             &server_pods,
             "server",
@@ -451,77 +364,70 @@ impl Cluster {
         )
         .await;
         slice(
-            &client,
-            &ns,
+            client,
+            ns,
             "goauthentik-server",
             ("http", 9000),
             &["10.0.2.1"],
         )
         .await;
+    }
 
-        let services = Api::<Service>::namespaced(client.clone(), &ns);
-        let outpost_service: Service = typed(fixture("embedded-proxy-service.create.json", &ns));
-        if setup.standalone {
-            let created = cluster
-                .deployments()
-                .create(
-                    &PostParams::default(),
-                    &typed(fixture("embedded-proxy-deployment.create.json", &ns)),
-                )
-                .await
-                .unwrap();
-            let labels =
-                serde_json::to_value(&created.spec.template.metadata).unwrap()["labels"].clone();
-            // The webhook's cache sees the Deployment: the Service is created selecting its pods.
-            let dry_run = PostParams {
-                dry_run: true,
-                ..PostParams::default()
-            };
-            let wanted = labels_at(
-                &serde_json::to_value(&created).unwrap(),
-                "/spec/selector/matchLabels",
-            );
-            wait_for(
-                BOUND,
-                "the webhook sees the standalone Deployment",
-                || async {
-                    let s = services.create(&dry_run, &outpost_service).await.ok()?;
-                    (s.spec?.selector? == wanted).then_some(())
-                },
+    /// The embedded outpost as its own Deployment, admitted; its Service, created once the
+    /// webhook's cache has seen the Deployment (so it selects the outpost's pods); two ready pods
+    /// and their `EndpointSlice`.
+    async fn standalone_outpost(&self) {
+        let (client, ns) = (&self.client, &self.ns);
+        let created = self
+            .deployments()
+            .create(
+                &PostParams::default(),
+                &typed(fixture("embedded-proxy-deployment.create.json", ns)),
+            )
+            .await
+            .unwrap();
+        let labels =
+            serde_json::to_value(&created.spec.template.metadata).unwrap()["labels"].clone();
+        let dry_run = PostParams {
+            dry_run: true,
+            ..PostParams::default()
+        };
+        let wanted = created.spec.selector.match_labels.clone().unwrap();
+        let services = self.services();
+        let service = outpost_service(ns);
+        wait_for(
+            BOUND,
+            "the webhook sees the standalone Deployment",
+            || async {
+                let s = services.create(&dry_run, &service).await.ok()?;
+                (s.spec?.selector? == wanted).then_some(())
+            },
+        )
+        .await;
+        services
+            .create(&PostParams::default(), &service)
+            .await
+            .unwrap();
+        for (i, suffix) in ["7c9f-a", "7c9f-b"].iter().enumerate() {
+            let name = format!("{OUTPOST}-{suffix}");
+            pod(
+                client,
+                ns,
+                &name,
+                &labels,
+                "proxy",
+                &format!("10.0.3.{}", i + 1),
             )
             .await;
-            services
-                .create(&PostParams::default(), &outpost_service)
-                .await
-                .unwrap();
-            for (i, suffix) in ["7c9f-a", "7c9f-b"].iter().enumerate() {
-                let name = format!("{OUTPOST}-{suffix}");
-                pod(
-                    &client,
-                    &ns,
-                    &name,
-                    &labels,
-                    "proxy",
-                    &format!("10.0.3.{}", i + 1),
-                )
-                .await;
-            }
-            slice(
-                &client,
-                &ns,
-                OUTPOST,
-                ("http", 9000),
-                &["10.0.3.1", "10.0.3.2"],
-            )
-            .await;
-        } else {
-            services
-                .create(&PostParams::default(), &outpost_service)
-                .await
-                .unwrap();
-            slice(&client, &ns, OUTPOST, ("http", 9000), &["10.0.2.1"]).await;
         }
-        cluster
+        slice(
+            client,
+            ns,
+            OUTPOST,
+            ("http", 9000),
+            &["10.0.3.1", "10.0.3.2"],
+        )
+        .await;
     }
 
     fn deployments(&self) -> Api<Deployment> {
@@ -590,6 +496,48 @@ impl Cluster {
                 .annotations
                 .is_some_and(|a| a.contains_key(CONFIG_CHECKSUM));
             (injected == called).then_some(())
+        })
+        .await;
+    }
+
+    /// Changes the webhook's policy: its ConfigMap, and the file its pods read (as the kubelet
+    /// updates a ConfigMap volume); waits until `serve` has reloaded it (a dry-run create of an
+    /// outpost Deployment comes back with the policy's config checksum).
+    async fn change_policy(&self, policy: &str) {
+        let configmap = rendered_doc("ConfigMap")["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        Api::<ConfigMap>::namespaced(self.client.clone(), &self.webhook_ns)
+            .patch(
+                &configmap,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"policy.yaml": policy}})),
+            )
+            .await
+            .unwrap();
+        std::fs::write(&self.policy_file, policy).unwrap();
+        let parsed = outpost_webhook::core::policy::Policy::from_yaml("p.yaml", policy).unwrap();
+        let mut probe = fixture("embedded-proxy-deployment.create.json", &self.ns);
+        probe["metadata"]["name"] = json!("ak-outpost-probe");
+        let outpost = outpost_webhook::core::mutate::identify_outpost(&probe).unwrap();
+        let want = parsed
+            .for_outpost(&outpost)
+            .deployment
+            .checksum
+            .clone()
+            .unwrap()
+            .value;
+        let probe: Deployment = typed(probe);
+        let deployments = self.deployments();
+        wait_for(BOUND, "the webhook runs the new policy", || async {
+            let dry = PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            };
+            let d = deployments.create(&dry, &probe).await.ok()?;
+            let annotations = d.spec.template.metadata?.annotations?;
+            (annotations.get(CONFIG_CHECKSUM) == Some(&want)).then_some(())
         })
         .await;
     }
@@ -679,6 +627,129 @@ impl Cluster {
     }
 }
 
+fn outpost_service(namespace: &str) -> Service {
+    typed(fixture("embedded-proxy-service.create.json", namespace))
+}
+
+/// The webhook's CA (valid `ca_days`) and certificate for `outpost-webhook.<namespace>.svc`, the
+/// name the apiserver verifies for a Service registration.
+fn certs(namespace: &str, ca_days: u32) -> TempDir {
+    let certs = temp_dir("doctor-certs");
+    let out = Command::new(BIN)
+        .args(["certs", "--service", WEBHOOK, "--namespace", namespace])
+        .args(["--san", "127.0.0.1", "--ca-days"])
+        .arg(ca_days.to_string())
+        .arg("--days")
+        .arg(ca_days.min(30).saturating_sub(5).max(1).to_string())
+        .arg("--out")
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    certs
+}
+
+/// The webhook's ConfigMap (holding `policy`), Deployment and Service as `deploy/plain` renders
+/// them, in `namespace`; two ready pods of the Deployment and the Service's `EndpointSlice`.
+async fn install_webhook(client: &Client, namespace: &str, policy: &str) {
+    let mut configmap = rendered_doc("ConfigMap");
+    configmap["metadata"]["namespace"] = json!(namespace);
+    configmap["data"]["policy.yaml"] = json!(policy);
+    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &typed(configmap))
+        .await
+        .unwrap();
+    let mut deployment = rendered_doc("Deployment");
+    deployment["metadata"]["namespace"] = json!(namespace);
+    let pod_labels = deployment["spec"]["template"]["metadata"]["labels"].clone();
+    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &typed(deployment))
+        .await
+        .unwrap();
+    Api::<Service>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &typed(webhook_service(namespace)))
+        .await
+        .unwrap();
+    for (i, name) in ["outpost-webhook-7d9f-aaaaa", "outpost-webhook-7d9f-bbbbb"]
+        .iter()
+        .enumerate()
+    {
+        let ip = format!("10.0.1.{}", i + 1);
+        pod(client, namespace, name, &pod_labels, "webhook", &ip).await;
+    }
+    slice(
+        client,
+        namespace,
+        WEBHOOK,
+        ("https", 8443),
+        &["10.0.1.1", "10.0.1.2"],
+    )
+    .await;
+}
+
+/// The webhook's Service as `deploy/plain` renders it, in `namespace`. No kube-proxy: an
+/// `ExternalName` the apiserver dials itself, with the rendered selector kept.
+fn webhook_service(namespace: &str) -> Value {
+    let mut service = rendered_doc("Service");
+    service["metadata"]["namespace"] = json!(namespace);
+    service["spec"]["type"] = json!("ExternalName");
+    service["spec"]["externalName"] = json!("localhost");
+    service
+}
+
+/// The reconciler stays idle: another identity holds the Lease, for ten years.
+async fn hold_lease(client: &Client, namespace: &str) {
+    let now = "2026-01-01T00:00:00.000000Z";
+    dynamic(client, namespace, "coordination.k8s.io/v1", "Lease")
+        .create(
+            &PostParams::default(),
+            &typed(
+                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": WEBHOOK, "namespace": namespace},
+                "spec": {"holderIdentity": "another-replica", "leaseDurationSeconds": 315_360_000,
+                         "acquireTime": now, "renewTime": now}}),
+            ),
+        )
+        .await
+        .unwrap();
+}
+
+/// `serve --cluster on` watching `namespace`, with the admin's kubeconfig and the policy file
+/// its ConfigMap holds, as the kubelet would mount it; once ready.
+async fn serve(cp: &ControlPlane, certs: &TempDir, namespace: &str, policy: &Path) -> Served {
+    let mut command = Command::new(BIN);
+    command
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .env("POD_NAME", format!("{namespace}-replica"))
+        .env_remove("POD_NAMESPACE")
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    let served = serve_with(
+        command,
+        certs,
+        &[
+            "--cluster",
+            "on",
+            "--watch-namespace",
+            namespace,
+            "--lease-namespace",
+            namespace,
+            "--policy",
+            policy.to_str().unwrap(),
+            "--reload-interval",
+            "200ms",
+        ],
+    );
+    wait_for(BOUND, "/readyz answers 200", || async {
+        (health_get(served.health, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    served
+}
+
 /// Runs the binary with `KUBECONFIG`; its exit code, stdout and stderr, waiting at most
 /// [`DOCTOR_BOUND`].
 fn run(kubeconfig: &Path, args: &[&str]) -> (Option<i32>, String, String) {
@@ -737,10 +808,11 @@ impl Doctor {
     fn show(&self) -> String {
         let mut s = format!("exit {:?}\n", self.code);
         for f in &self.findings {
-            s.push_str(&format!(
-                "  {:<4} {:<24} {}: {}\n",
+            let _ = writeln!(
+                s,
+                "  {:<4} {:<24} {}: {}",
                 f.severity, f.check, f.object, f.message
-            ));
+            );
         }
         s.push_str(&self.stderr);
         s
@@ -1545,10 +1617,13 @@ impl Denier {
 /// Records every request a kube client sends, and after the answer to the one that starts with
 /// `after.0`, awaits `after.1` before handing the answer back: a write at an exact point of
 /// doctor's sequence, made by a real client to the real apiserver.
+/// A write to make, and the request line after whose answer to make it.
+type After = Option<(String, Pin<Box<dyn Future<Output = ()> + Send>>)>;
+
 struct Hook<S> {
     inner: S,
     seen: Arc<Mutex<Vec<String>>>,
-    after: Arc<Mutex<Option<(String, Pin<Box<dyn Future<Output = ()> + Send>>)>>>,
+    after: Arc<Mutex<After>>,
 }
 
 impl<S> tower::Service<Request<Body>> for Hook<S>
@@ -1573,7 +1648,7 @@ where
             request.uri().path_and_query().unwrap()
         );
         if let Some(t) = request.headers().get("content-type") {
-            line.push_str(&format!(" ({})", t.to_str().unwrap()));
+            let _ = write!(line, " ({})", t.to_str().unwrap());
         }
         self.seen.lock().unwrap().push(line.clone());
         let then = {
@@ -1599,10 +1674,7 @@ where
 }
 
 /// A client as the admin, through a [`Hook`].
-async fn hooked(
-    cp: &ControlPlane,
-    after: Option<(String, Pin<Box<dyn Future<Output = ()> + Send>>)>,
-) -> (Client, Arc<Mutex<Vec<String>>>) {
+async fn hooked(cp: &ControlPlane, after: After) -> (Client, Arc<Mutex<Vec<String>>>) {
     let kubeconfig = kube::config::Kubeconfig::read_from(&cp.kubeconfig).unwrap();
     let config = kube::Config::from_custom_kubeconfig(
         kubeconfig,
@@ -1768,7 +1840,7 @@ fn expected_registration() -> Value {
 // ---------------------------------------------------------------------------------------------
 // RBAC
 
-/// A kubeconfig for ServiceAccount `namespace/name`, with a token from the TokenRequest API.
+/// A kubeconfig for `ServiceAccount` `namespace/name`, with a token from the `TokenRequest` API.
 async fn service_account_kubeconfig(
     cp: &ControlPlane,
     namespace: &str,
@@ -1796,12 +1868,37 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
     json!({"apiGroups": groups, "resources": resources, "verbs": verbs})
 }
 
-/// README's RBAC for doctor, as Roles on the real apiserver: enough for every check (the
-/// namespace's labels are optional and left out here); without `list pods` doctor cannot run
-/// and names the verb and resource it was refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_documented_rbac_is_enough_and_a_refused_read_names_the_verb_and_resource() {
-    let c = Cluster::healthy().await;
+/// What doctor reads and dry-runs in the outposts' namespace, as README lists it; `list pods`
+/// only with `pods`.
+fn outposts_rules(pods: bool) -> Value {
+    let lists: &[&str] = if pods {
+        &["services", "pods"]
+    } else {
+        &["services"]
+    };
+    json!([
+        rule(&[""], lists, &["list"]),
+        rule(&["apps"], &["deployments"], &["list"]),
+        rule(&["discovery.k8s.io"], &["endpointslices"], &["list"]),
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+         "resourceNames": ["goauthentik", OUTPOST]},
+        rule(&[""], &["services"], &["patch"]),
+        rule(&["apps"], &["deployments"], &["patch"]),
+    ])
+}
+
+/// What doctor reads in the webhook's namespace, as README lists it.
+fn webhook_rules() -> Value {
+    json!([
+        rule(&[""], &["services", "configmaps"], &["get"]),
+        rule(&["apps"], &["deployments"], &["list"]),
+        rule(&["discovery.k8s.io"], &["endpointslices"], &["list"]),
+    ])
+}
+
+/// `ServiceAccount` `doctor` in the outposts' namespace, bound to a `ClusterRole` that may get the
+/// registration and to a Role with `rules` in each namespace; its kubeconfig, in `dir`.
+async fn grant_doctor(c: &Cluster, roles: &[(&str, Value)], dir: &Path) -> PathBuf {
     let sa = "doctor";
     Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(c.client.clone(), &c.ns)
         .create(
@@ -1811,81 +1908,53 @@ async fn the_documented_rbac_is_enough_and_a_refused_read_names_the_verb_and_res
         .await
         .unwrap();
     let subject = json!([{"kind": "ServiceAccount", "name": sa, "namespace": c.ns}]);
-    let rbac = |kind: &str| dynamic(&c.client, "", "rbac.authorization.k8s.io/v1", kind);
-    let name = format!("doctor-{}", c.ns);
-    rbac("ClusterRole")
-        .create(
-            &PostParams::default(),
-            &typed(
-                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                "metadata": {"name": name},
-                "rules": [{"apiGroups": ["admissionregistration.k8s.io"],
-                           "resources": ["mutatingwebhookconfigurations"],
-                           "resourceNames": [c.registration], "verbs": ["get"]}]}),
-            ),
-        )
-        .await
-        .unwrap();
-    rbac("ClusterRoleBinding")
-        .create(
-            &PostParams::default(),
-            &typed(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-                "metadata": {"name": name}, "subjects": subject,
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}})),
-        )
-        .await
-        .unwrap();
-    let outposts_rules = |pods: bool| {
-        let mut lists = vec!["services", "pods"];
-        if !pods {
-            lists.retain(|r| *r != "pods");
-        }
-        json!([
-            rule(&[""], &lists, &["list"]),
-            rule(&["apps"], &["deployments"], &["list"]),
-            rule(&["discovery.k8s.io"], &["endpointslices"], &["list"]),
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
-             "resourceNames": ["goauthentik", OUTPOST]},
-            rule(&[""], &["services"], &["patch"]),
-            rule(&["apps"], &["deployments"], &["patch"]),
-        ])
+    let rbac = |namespace: &str, kind: &str| {
+        dynamic(&c.client, namespace, "rbac.authorization.k8s.io/v1", kind)
     };
-    let roles = [
-        (c.ns.clone(), outposts_rules(true)),
-        (
-            c.webhook_ns.clone(),
-            json!([
-                rule(&[""], &["services", "configmaps"], &["get"]),
-                rule(&["apps"], &["deployments"], &["list"]),
-                rule(&["discovery.k8s.io"], &["endpointslices"], &["list"]),
-            ]),
-        ),
-    ];
-    for (namespace, rules) in &roles {
-        let ns_rbac =
-            |kind: &str| dynamic(&c.client, namespace, "rbac.authorization.k8s.io/v1", kind);
-        ns_rbac("Role")
-            .create(
-                &PostParams::default(),
-                &typed(
-                    json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                    "metadata": {"name": "doctor", "namespace": namespace}, "rules": rules}),
-                ),
-            )
+    let object = |kind: &str, namespace: &str, name: &str| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind,
+               "metadata": {"name": name, "namespace": namespace}})
+    };
+    let name = format!("doctor-{}", c.ns);
+    let mut role = object("ClusterRole", "", &name);
+    role["rules"] = json!([{"apiGroups": ["admissionregistration.k8s.io"],
+        "resources": ["mutatingwebhookconfigurations"],
+        "resourceNames": [c.registration], "verbs": ["get"]}]);
+    let mut bindings = vec![(String::new(), "ClusterRole", name.clone(), role)];
+    for (namespace, rules) in roles {
+        let mut role = object("Role", namespace, sa);
+        role["rules"] = rules.clone();
+        bindings.push(((*namespace).to_owned(), "Role", sa.to_owned(), role));
+    }
+    for (namespace, kind, name, role) in bindings {
+        rbac(&namespace, kind)
+            .create(&PostParams::default(), &typed(role))
             .await
             .unwrap();
-        ns_rbac("RoleBinding")
-            .create(
-                &PostParams::default(),
-                &typed(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                    "metadata": {"name": "doctor", "namespace": namespace}, "subjects": subject,
-                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "doctor"}})),
-            )
+        let mut binding = object(&format!("{kind}Binding"), &namespace, &name);
+        binding["subjects"] = subject.clone();
+        binding["roleRef"] =
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name});
+        rbac(&namespace, &format!("{kind}Binding"))
+            .create(&PostParams::default(), &typed(binding))
             .await
             .unwrap();
     }
+    service_account_kubeconfig(c.cp, &c.ns, sa, dir).await
+}
+
+/// README's RBAC for doctor, as Roles on the real apiserver: enough for every check (the
+/// namespace's labels are optional and left out here); without `list pods` doctor cannot run
+/// and names the verb and resource it was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_rbac_is_enough_and_a_refused_read_names_the_verb_and_resource() {
+    let c = Cluster::healthy().await;
     let dir = temp_dir("doctor-sa");
-    let kubeconfig = service_account_kubeconfig(c.cp, &c.ns, sa, dir.path()).await;
+    let roles = [
+        (c.ns.as_str(), outposts_rules(true)),
+        (c.webhook_ns.as_str(), webhook_rules()),
+    ];
+    let kubeconfig = grant_doctor(&c, &roles, dir.path()).await;
 
     let d = wait_for(BOUND, "doctor runs under the documented RBAC", || async {
         let d = c.doctor_as(&kubeconfig, &[]);
@@ -2006,34 +2075,7 @@ async fn doctor_judges_against_the_policy_the_webhook_runs() {
 async fn a_policy_change_since_admission_is_a_warning_and_rollout_restart_applies_it() {
     let c = Cluster::healthy().await;
     let before = c.deployments().get(OUTPOST).await.unwrap();
-    let new_policy = three_replicas_and_a_log_level();
-    let configmap = rendered_doc("ConfigMap")["metadata"]["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    Api::<ConfigMap>::namespaced(c.client.clone(), &c.webhook_ns)
-        .patch(
-            &configmap,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"data": {"policy.yaml": new_policy}})),
-        )
-        .await
-        .unwrap();
-    // As the kubelet updates a ConfigMap volume; serve reloads it.
-    std::fs::write(&c.policy_file, &new_policy).unwrap();
-    let deployments = c.deployments();
-    let mut probe = fixture("embedded-proxy-deployment.create.json", &c.ns);
-    probe["metadata"]["name"] = json!("ak-outpost-probe");
-    let probe: Deployment = typed(probe);
-    wait_for(BOUND, "the webhook runs the new policy", || async {
-        let dry = PostParams {
-            dry_run: true,
-            ..PostParams::default()
-        };
-        let d = deployments.create(&dry, &probe).await.ok()?;
-        (d.spec.replicas == Some(3)).then_some(())
-    })
-    .await;
+    c.change_policy(&three_replicas_and_a_log_level()).await;
     assert_eq!(
         c.deployments()
             .get(OUTPOST)
@@ -2135,12 +2177,8 @@ async fn a_registration_naming_the_outposts_namespace_is_a_precise_failure() {
 
     // A Service of that name in the outposts' namespace, selecting the webhook's labels: no
     // Deployment there runs such pods.
-    let mut service = rendered_doc("Service");
-    service["metadata"]["namespace"] = json!(c.ns);
-    service["spec"]["type"] = json!("ExternalName");
-    service["spec"]["externalName"] = json!("localhost");
     c.services()
-        .create(&PostParams::default(), &typed(service))
+        .create(&PostParams::default(), &typed(webhook_service(&c.ns)))
         .await
         .unwrap();
     let d = c.doctor(&[]);

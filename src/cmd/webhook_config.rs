@@ -29,7 +29,7 @@ pub struct WebhookConfigArgs {
     /// The webhook's Service.
     #[arg(long, default_value = "outpost-webhook", conflicts_with = "url")]
     pub service: String,
-    /// The webhook's namespace.
+    /// The namespace of the webhook's Service: where the webhook runs, not the outposts.
     #[arg(long, default_value = "outpost-webhook", conflicts_with = "url")]
     pub namespace: String,
     /// Call the webhook at this `https://` URL instead of a Service (for a local apiserver:

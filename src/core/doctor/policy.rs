@@ -74,18 +74,28 @@ pub(super) fn finding(source: &PolicySource) -> Finding {
             path.clone(),
             format!("judged against --policy {path}"),
         ),
-        PolicySource::InForce(r) => (
+        PolicySource::InForce(PolicyRef::ConfigMap {
+            namespace,
+            name,
+            key,
+            deployment,
+        }) => (
             Severity::Ok,
-            match r {
-                PolicyRef::ConfigMap {
-                    namespace, name, ..
-                } => format!("ConfigMap/{namespace}/{name}"),
-                PolicyRef::Builtin {
-                    namespace,
-                    deployment,
-                } => format!("Deployment/{namespace}/{deployment}"),
-            },
-            format!("judged against the policy in force: {}", source.describe()),
+            format!("ConfigMap/{namespace}/{name}"),
+            format!(
+                "judged against the policy the webhook runs: key {key}, which its Deployment \
+                 {namespace}/{deployment} mounts"
+            ),
+        ),
+        PolicySource::InForce(PolicyRef::Builtin {
+            namespace,
+            deployment,
+        }) => (
+            Severity::Ok,
+            format!("Deployment/{namespace}/{deployment}"),
+            "judged against the built-in policy, which the webhook's Deployment runs (no \
+             --policy)"
+                .into(),
         ),
         PolicySource::Fallback { why } => (
             Severity::Warn,
