@@ -12,7 +12,6 @@ mod common;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
-    process::Command,
 };
 
 use clap::{CommandFactory as _, Parser as _};
@@ -20,7 +19,7 @@ use k8s_openapi::{
     api::{
         admissionregistration::v1::MutatingWebhookConfiguration,
         apps::v1::Deployment,
-        core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
+        core::v1::{Namespace, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
         rbac::v1::{Role, RoleBinding},
@@ -28,7 +27,6 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 use outpost_webhook::{
-    cluster::LEASE_NAME,
     cmd::{
         Cli,
         serve::ServeArgs,
@@ -36,96 +34,29 @@ use outpost_webhook::{
     },
     core::{
         admission::{DEFAULT_HEALTH_PORT, DEFAULT_PORT, MUTATE_PATH, TIMEOUT_SECONDS},
-        policy::{DEFAULT_POLICY_YAML, Outpost, Policy, unknown_field},
+        policy::{DEFAULT_POLICY_YAML, Outpost, Policy},
     },
     pki::service_dns_names,
 };
-use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
+use common::manifests::{
+    check_known_kind, grants, in_namespace, lease_grants, one, typed, watch_grants,
+};
+
 fn render(overlay: &str) -> Vec<Value> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("deploy")
-        .join(overlay);
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .expect("kubectl is needed to render deploy/ (.ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&text).unwrap()
-}
-
-/// Reads a document into its type, refusing fields the type does not know.
-fn typed<T: DeserializeOwned + Serialize>(doc: &Value) -> T {
-    let t: T =
-        serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{}: {e}", doc["kind"]));
-    let back = serde_json::to_value(&t).unwrap();
-    if let Some(field) = unknown_field(doc, &back) {
-        panic!(
-            "{} {}: unknown field {field}",
-            doc["kind"], doc["metadata"]["name"]
-        );
-    }
-    t
-}
-
-fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
-    let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
-    assert_eq!(found.len(), 1, "expected one {kind}");
-    found[0]
+    common::manifests::kustomize(overlay)
 }
 
 /// Reads every document of a rendering into its type.
 fn check_types(docs: &[Value]) {
     for doc in docs {
-        match doc["kind"].as_str().unwrap() {
-            "Namespace" => drop(typed::<Namespace>(doc)),
-            "ServiceAccount" => drop(typed::<ServiceAccount>(doc)),
-            "ConfigMap" => drop(typed::<ConfigMap>(doc)),
-            "Service" => drop(typed::<Service>(doc)),
-            "Deployment" => drop(typed::<Deployment>(doc)),
-            "PodDisruptionBudget" => drop(typed::<PodDisruptionBudget>(doc)),
-            "NetworkPolicy" => drop(typed::<NetworkPolicy>(doc)),
-            // Nothing cluster-wide: ClusterRole and ClusterRoleBinding are unexpected kinds.
-            "Role" => drop(typed::<Role>(doc)),
-            "RoleBinding" => drop(typed::<RoleBinding>(doc)),
-            "MutatingWebhookConfiguration" => drop(typed::<MutatingWebhookConfiguration>(doc)),
-            "Issuer" | "Certificate" => check_cert_manager(doc),
-            other => panic!("unexpected kind {other}"),
-        }
-    }
-}
-
-/// cert-manager's kinds have no k8s-openapi type: check them against the fields of
-/// cert-manager.io/v1 that these manifests use.
-fn check_cert_manager(doc: &Value) {
-    assert_eq!(doc["apiVersion"], "cert-manager.io/v1");
-    let allowed: &[&str] = match doc["kind"].as_str().unwrap() {
-        "Issuer" => &["selfSigned", "ca"],
-        _ => &[
-            "isCA",
-            "commonName",
-            "secretName",
-            "duration",
-            "renewBefore",
-            "privateKey",
-            "dnsNames",
-            "usages",
-            "issuerRef",
-        ],
-    };
-    for key in doc["spec"].as_object().unwrap().keys() {
-        assert!(
-            allowed.contains(&key.as_str()),
-            "{}: unexpected spec.{key}",
-            doc["metadata"]["name"]
-        );
+        let kind = doc["kind"].as_str().unwrap();
+        // Nothing cluster-wide: ClusterRole and ClusterRoleBinding are unexpected kinds, and the
+        // Prometheus Operator's are the chart's alone.
+        assert!(!kind.starts_with("Cluster"), "{kind}");
+        assert!(doc["apiVersion"] != "monitoring.coreos.com/v1", "{kind}");
+        check_known_kind(doc);
     }
 }
 
@@ -485,51 +416,6 @@ fn the_registration_is_safe_and_agrees_with_the_code() {
 /// A rule as (operations, apiGroups, apiVersions, resources).
 type Rule = (Vec<String>, Vec<String>, Vec<String>, Vec<String>);
 
-/// One permission: (apiGroup, resource, resourceName or none for any, verb).
-type Grant = (String, String, Option<String>, String);
-
-/// A Role's rules as single permissions, so that two Roles compare whatever their layout.
-fn grants(role: &Role) -> BTreeSet<Grant> {
-    let mut out = BTreeSet::new();
-    for rule in role.rules.clone().unwrap() {
-        assert!(rule.non_resource_urls.is_none());
-        let names: Vec<Option<String>> = match rule.resource_names {
-            Some(names) => names.into_iter().map(Some).collect(),
-            None => vec![None],
-        };
-        for group in rule.api_groups.unwrap() {
-            for resource in rule.resources.clone().unwrap() {
-                for name in &names {
-                    for verb in &rule.verbs {
-                        out.insert((group.clone(), resource.clone(), name.clone(), verb.clone()));
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-fn grant(group: &str, resource: &str, name: Option<&str>, verbs: &[&str]) -> BTreeSet<Grant> {
-    verbs
-        .iter()
-        .map(|v| {
-            (
-                group.to_owned(),
-                resource.to_owned(),
-                name.map(str::to_owned),
-                (*v).to_owned(),
-            )
-        })
-        .collect()
-}
-
-fn in_namespace<'a>(docs: &'a [Value], kind: &str, ns: &str) -> Vec<&'a Value> {
-    docs.iter()
-        .filter(|d| d["kind"] == kind && d["metadata"]["namespace"] == ns)
-        .collect()
-}
-
 /// The binding in `ns` gives Role `role` to the webhook's `ServiceAccount` and no one else.
 fn assert_bound(docs: &[Value], ns: &str, role: &str) {
     let sa = one(docs, "ServiceAccount");
@@ -579,19 +465,9 @@ fn the_rbac_is_namespaced_and_exactly_what_the_cluster_view_uses() {
                 .unwrap();
 
         // Each watched namespace: the cache's list and watch (get besides), the reconciler's
-        // patch, and the policy's Secrets by name; no create, update, delete, nor other Secrets.
-        let mut wanted = BTreeSet::new();
-        for resource in [("", "services"), ("apps", "deployments")] {
-            wanted.extend(grant(
-                resource.0,
-                resource.1,
-                None,
-                &["get", "list", "watch", "patch"],
-            ));
-        }
-        for name in &secrets {
-            wanted.extend(grant("", "secrets", Some(name), &["get", "list", "watch"]));
-        }
+        // patch and Events, and the policy's Secrets by name; no create, update, delete, nor
+        // other Secrets.
+        let wanted = watch_grants(&secrets);
         for ns in &serve.watch_namespaces {
             let roles = in_namespace(&docs, "Role", ns);
             assert_eq!(roles.len(), 1, "{overlay}: one Role in {ns}");
@@ -613,14 +489,7 @@ fn the_rbac_is_namespaced_and_exactly_what_the_cluster_view_uses() {
         let roles = in_namespace(&docs, "Role", own);
         assert_eq!(roles.len(), 1, "{overlay}: one Role in {own}");
         let role: Role = typed(roles[0]);
-        let mut lease = grant(
-            "coordination.k8s.io",
-            "leases",
-            Some(LEASE_NAME),
-            &["get", "patch"],
-        );
-        lease.extend(grant("coordination.k8s.io", "leases", None, &["create"]));
-        assert_eq!(grants(&role), lease, "{overlay}");
+        assert_eq!(grants(&role), lease_grants(), "{overlay}");
         assert_bound(&docs, own, role.metadata.name.as_deref().unwrap());
 
         // And nothing else.

@@ -31,7 +31,7 @@ use common::{
     health_get,
     pod::{Pod, PodSpec, container_args, volume_mounts},
     proxy::ServiceProxy,
-    serve_with, temp_dir,
+    serve_with, spawn_served, start_served, temp_dir,
 };
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
@@ -302,7 +302,7 @@ async fn the_control_plane_is_the_pinned_release() {
     let version = cp.client().await.apiserver_version().await.unwrap();
     assert_eq!(
         version.git_version,
-        common::control_plane::KUBERNETES_VERSION
+        common::control_plane::kubernetes_version()
     );
 }
 
@@ -774,22 +774,39 @@ async fn deploy_plain_runs_two_replicas_under_its_own_rbac() {
     );
 }
 
-/// A client authenticating with a bearer `token`, as a pod does.
-async fn token_client(cp: &ControlPlane, token: &str) -> Client {
-    let dir = temp_dir("token-kubeconfig");
+/// Who a kubeconfig authenticates as.
+enum User<'a> {
+    Admin,
+    Token(&'a str),
+}
+
+/// A kubeconfig for `server` (the apiserver's URL, or a proxy's in front of it) as `user`.
+fn kubeconfig(cp: &ControlPlane, server: &str, user: &User<'_>) -> (TempDir, PathBuf) {
+    let dir = temp_dir("kubeconfig");
     let path: PathBuf = dir.path().join("kubeconfig");
+    let d = cp.dir.display();
+    let user = match user {
+        User::Admin => {
+            format!("{{client-certificate: '{d}/admin.crt', client-key: '{d}/admin.key'}}")
+        }
+        User::Token(t) => format!("{{token: '{t}'}}"),
+    };
     std::fs::write(
         &path,
         format!(
             "apiVersion: v1\nkind: Config\ncurrent-context: t\n\
-             clusters: [{{name: t, cluster: {{server: '{}', certificate-authority: '{}/ca.crt'}}}}]\n\
-             users: [{{name: t, user: {{token: '{token}'}}}}]\n\
-             contexts: [{{name: t, context: {{cluster: t, user: t}}}}]\n",
-            cp.url,
-            cp.dir.display()
+             clusters: [{{name: t, cluster: {{server: '{server}', certificate-authority: '{d}/ca.crt'}}}}]\n\
+             users: [{{name: t, user: {user}}}]\n\
+             contexts: [{{name: t, context: {{cluster: t, user: t}}}}]\n"
         ),
     )
     .unwrap();
+    (dir, path)
+}
+
+/// A client authenticating with a bearer `token`, as a pod does.
+async fn token_client(cp: &ControlPlane, token: &str) -> Client {
+    let (_dir, path) = kubeconfig(cp, &cp.url, &User::Token(token));
     let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
     let config = kube::Config::from_custom_kubeconfig(
         kubeconfig,
@@ -798,4 +815,551 @@ async fn token_client(cp: &ControlPlane, token: &str) -> Client {
     .await
     .unwrap();
     Client::try_from(config).unwrap()
+}
+
+/// The command for `serve --cluster on` as replica `name`, with `kubeconfig`, watching
+/// `namespace` and holding its Lease there, serving the certificate in `certs`, plus `extra`.
+fn replica(
+    kubeconfig: &Path,
+    certs: &TempDir,
+    namespace: &str,
+    name: &str,
+    extra: &[&str],
+) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAME", name)
+        .env_remove("POD_NAMESPACE")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .args(common::SERVE_ON_LOOPBACK)
+        .args(["--log-format", "json", "--drain-seconds", "1"])
+        .arg("--tls-cert")
+        .arg(certs.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(certs.path().join("tls.key"))
+        .args(["--cluster", "on", "--watch-namespace", namespace])
+        .args(["--lease-namespace", namespace])
+        .args(extra);
+    command
+}
+
+/// Which of `replicas` say they hold the Lease, sampled once.
+async fn leading(replicas: &[(&str, &Served)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, served) in replicas {
+        if metric(served, "outpost_webhook_cluster_leader").await == Some(1.0) {
+            out.push((*name).to_owned());
+        }
+    }
+    out
+}
+
+/// The events.k8s.io Events on object `name` of `kind` in `namespace`.
+async fn events_on(client: &Client, namespace: &str, kind: &str, name: &str) -> Vec<Value> {
+    let events: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &kube::api::ApiResource::erase::<k8s_openapi::api::events::v1::Event>(&()),
+    );
+    events
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| serde_json::to_value(e).unwrap())
+        .filter(|e| e["regarding"]["kind"] == kind && e["regarding"]["name"] == name)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Lease
+
+/// Issue 19: two replicas started together on a released Lease, five times: in no 0.1 s sample
+/// do both say they lead, and one of them does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_for_a_released_lease_never_both_lead() {
+    let cp = shared();
+    let client = cp.client().await;
+    let certs = temp_dir("race-certs");
+    certs_into(&certs);
+    for trial in 0..5 {
+        let ns = cp.namespace("race").await;
+        let released: Lease = serde_json::from_value(json!({
+            "metadata": {"name": "outpost-webhook", "namespace": ns},
+            "spec": {"leaseDurationSeconds": 15, "leaseTransitions": 4}}))
+        .unwrap();
+        Api::<Lease>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &released)
+            .await
+            .unwrap();
+        let mut a = start_served(replica(&cp.kubeconfig, &certs, &ns, "a", &[]));
+        let mut b = start_served(replica(&cp.kubeconfig, &certs, &ns, "b", &[]));
+        a.wait_serving();
+        b.wait_serving();
+        let mut led = std::collections::BTreeSet::new();
+        for _ in 0..80 {
+            let now = leading(&[("a", &a), ("b", &b)]).await;
+            assert!(now.len() <= 1, "trial {trial}: both lead");
+            led.extend(now);
+            tokio::time::sleep(POLL).await;
+        }
+        assert_eq!(
+            led.len(),
+            1,
+            "trial {trial}: one replica took the Lease and kept it"
+        );
+        let holder = lease_holder_in(&client, &ns).await;
+        assert!(led.contains(holder.as_deref().unwrap()), "trial {trial}");
+    }
+}
+
+async fn lease_holder_in(client: &Client, namespace: &str) -> Option<String> {
+    Api::<Lease>::namespaced(client.clone(), namespace)
+        .get_opt("outpost-webhook")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+}
+
+/// Issue 19: a leader cut off from the apiserver (a partition: its connections go silent)
+/// stops acting as leader within the Lease duration, before the other replica takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_apiserver_stops_before_another_takes_over() {
+    let cp = shared();
+    let ns = cp.namespace("partition").await;
+    let certs = temp_dir("partition-certs");
+    certs_into(&certs);
+    let link = ServiceProxy::start(vec![([127, 0, 0, 1], cp.port).into()]);
+    let (_cut_dir, cut_config) = kubeconfig(
+        cp,
+        &format!("https://127.0.0.1:{}", link.addr.port()),
+        &User::Admin,
+    );
+    let a = spawn_served(replica(&cut_config, &certs, &ns, "a", &[]));
+    wait_for(BOUND, "a leads", || async {
+        (leading(&[("a", &a)]).await.len() == 1).then_some(())
+    })
+    .await;
+    let mut b = spawn_served(replica(&cp.kubeconfig, &certs, &ns, "b", &[]));
+    ready(&b).await;
+
+    link.cut();
+    let cut = Instant::now();
+    let mut a_stopped = None;
+    let deadline = cut + TAKEOVER * 2;
+    loop {
+        let now = leading(&[("a", &a), ("b", &b)]).await;
+        assert!(
+            now.len() <= 1,
+            "both lead {:?} after the cut",
+            cut.elapsed()
+        );
+        if a_stopped.is_none() && !now.contains(&"a".to_owned()) {
+            a_stopped = Some(cut.elapsed());
+        }
+        if now == ["b"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never took over");
+        tokio::time::sleep(POLL).await;
+    }
+    let a_stopped = a_stopped.unwrap();
+    assert!(
+        a_stopped <= outpost_webhook::core::lease::LEASE_DURATION,
+        "a stopped leading {a_stopped:?} after the cut"
+    );
+    assert_eq!(
+        lease_holder_in(&cp.client().await, &ns).await.as_deref(),
+        Some("b")
+    );
+    assert!(
+        b.lines_so_far()
+            .iter()
+            .any(|l| l.contains("holds the reconciler's Lease"))
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Before the registration
+
+/// Issue 19: started before its registration exists (README's order), the leader converges an
+/// existing outpost Deployment with the whole fix in one write, never a fragment such as the
+/// Secret checksum alone; the write leaves an Event saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_its_registration_the_leader_writes_the_whole_fix_or_nothing() {
+    let cp = shared();
+    let ns = cp.namespace("unregistered").await;
+    let client = cp.client().await;
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &goauthentik(&ns, "pw", "k"))
+        .await
+        .unwrap();
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let stored = deployments
+        .create(&PostParams::default(), &embedded_deployment(&ns))
+        .await
+        .unwrap();
+    assert!(
+        !env_names(&stored).contains(&"AUTHENTIK_POSTGRESQL__PASSWORD".to_owned()),
+        "no registration: stored as written"
+    );
+    let certs = temp_dir("unregistered-certs");
+    certs_into(&certs);
+    let _served = spawn_served(replica(&cp.kubeconfig, &certs, &ns, "a", &[]));
+    let fixed = wait_for(BOUND, "the leader converges the Deployment", || async {
+        let d = deployments.get(OUTPOST).await.ok()?;
+        // Every version seen: a checksum comes with the env it belongs to.
+        let injected = env_names(&d)
+            .iter()
+            .filter(|n| n.starts_with("AUTHENTIK_POSTGRESQL__"))
+            .count();
+        if template_annotation(&d, SECRET_CHECKSUM).is_some() {
+            assert_eq!(injected, 5, "a fragment was written");
+        }
+        (injected == 5).then_some(d)
+    })
+    .await;
+    assert!(template_annotation(&fixed, SECRET_CHECKSUM).is_some());
+    assert!(template_annotation(&fixed, CONFIG_CHECKSUM).is_some());
+    assert_eq!(generation(&fixed), 2, "one write");
+    let events = wait_for(BOUND, "an Event on the Deployment", || async {
+        let e = events_on(&client, &ns, "Deployment", OUTPOST).await;
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    assert_eq!(events[0]["reason"], "SecretChanged");
+    assert_eq!(events[0]["type"], "Normal");
+    assert_eq!(events[0]["reportingController"], "outpost-webhook");
+    assert_eq!(events[0]["reportingInstance"], "a");
+    assert_eq!(
+        events[0]["note"],
+        "Pods rolled: outpost-webhook/secret-checksum set to the data of the Secret keys this \
+         outpost reads (its first fix, or a change made while no replica watched)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator mistakes
+
+/// `kubectl create --dry-run=server` of `object`: the warnings kubectl prints.
+fn dry_run_warnings(cp: &ControlPlane, object: &Value) -> String {
+    use std::io::Write as _;
+    let mut child = cp
+        .kubectl()
+        .args(["create", "--dry-run=server", "-o", "name", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(object.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
+/// A Role as `deploy/watch` grants it, in `namespace`, for `ServiceAccount` `namespace/webhook`,
+/// with the Lease there too; its token.
+async fn webhook_account(cp: &ControlPlane, namespace: &str) -> String {
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "webhook", "namespace": namespace},
+        "rules": [
+            {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "patch"]},
+            {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "patch"]},
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["goauthentik"],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+             "resourceNames": ["outpost-webhook"], "verbs": ["get", "update"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]}]});
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "webhook", "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "webhook"},
+        "subjects": [{"kind": "ServiceAccount", "name": "webhook", "namespace": namespace}]});
+    let account = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "webhook", "namespace": namespace}});
+    kubectl_apply(
+        cp,
+        &json!({"apiVersion": "v1", "kind": "List", "items": [account, role, binding]}).to_string(),
+    );
+    cp.token(namespace, "webhook").await
+}
+
+/// Issue 19: a policy naming a Secret the Role does not allow (a typo) is not an outage: the
+/// replica stays ready, and a dry run of an outpost Deployment is answered with a warning naming
+/// it; the good policy back, nothing is refused any more, without a restart. Then a key removed
+/// from the Secret: the next outpost write warns, naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mistyped_secret_or_a_removed_key_is_a_warning_not_an_outage() {
+    let cp = shared();
+    let ns = cp.namespace("mistakes").await;
+    let client = cp.client().await;
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &goauthentik(&ns, "pw", "k"))
+        .await
+        .unwrap();
+    let token = webhook_account(cp, &ns).await;
+    let (_config_dir, config) = kubeconfig(cp, &cp.url, &User::Token(&token));
+    let certs = temp_dir("mistakes-certs");
+    certs_into(&certs);
+    let policy_dir = temp_dir("mistakes-policy");
+    let policy = policy_dir.path().join("policy.yaml");
+    let good = outpost_webhook::core::policy::DEFAULT_POLICY_YAML;
+    std::fs::write(&policy, good).unwrap();
+    let mut served = spawn_served(replica(
+        &config,
+        &certs,
+        &ns,
+        "a",
+        &[
+            "--policy",
+            policy.to_str().unwrap(),
+            "--reload-interval",
+            "500ms",
+        ],
+    ));
+    ready(&served).await;
+    register(
+        cp,
+        &format!("outpost-webhook-{ns}"),
+        &ns,
+        &format!("https://127.0.0.1:{}/mutate", served.addr.port()),
+        &certs.path().join("ca.crt"),
+    )
+    .await;
+    let deployment = fixture("embedded-proxy-deployment.create.json", &ns);
+    assert!(!dry_run_warnings(cp, &deployment).contains("outpost-webhook"));
+
+    std::fs::write(
+        &policy,
+        good.replace("name: goauthentik", "name: goauthentk"),
+    )
+    .unwrap();
+    let warned = wait_for(
+        Duration::from_secs(20),
+        "a warning naming goauthentk",
+        || async {
+            assert_eq!(
+                health_get(served.health, "/readyz").await.0,
+                200,
+                "never unready"
+            );
+            let w = dry_run_warnings(cp, &deployment);
+            w.contains("goauthentk").then_some(w)
+        },
+    )
+    .await;
+    assert!(
+        warned.contains(&format!("cannot read Secret goauthentk in {ns}")),
+        "{warned}"
+    );
+    assert!(metric(&served, "outpost_webhook_cluster_forbidden").await >= Some(1.0));
+
+    std::fs::write(&policy, good).unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the good policy back, nothing refused",
+        || async {
+            (health_get(served.health, "/readyz").await.0 == 200
+                && metric(&served, "outpost_webhook_cluster_forbidden").await == Some(0.0)
+                && !dry_run_warnings(cp, &deployment).contains("goauthentk"))
+            .then_some(())
+        },
+    )
+    .await;
+
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .patch(
+            "goauthentik",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"AUTHENTIK_POSTGRESQL__PASSWORD": null}})),
+        )
+        .await
+        .unwrap();
+    let warned = wait_for(BOUND, "a warning naming the removed key", || async {
+        let w = dry_run_warnings(cp, &deployment);
+        w.contains("AUTHENTIK_POSTGRESQL__PASSWORD").then_some(w)
+    })
+    .await;
+    assert!(
+        warned.contains("Secret goauthentik has no key AUTHENTIK_POSTGRESQL__PASSWORD"),
+        "{warned}"
+    );
+    let log = served.lines_so_far().join("\n");
+    assert!(!log.contains("pw"), "no Secret value is logged");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watch faults
+
+/// More outposts than one list page holds (the cache lists 50 at a time): every one is seen,
+/// so the lists were continued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_500_outposts_are_listed_in_pages_and_all_seen() {
+    const N: u32 = 520;
+    let cp = shared();
+    let ns = cp.namespace("paging").await;
+    let client = cp.client().await;
+    let services = Api::<Service>::namespaced(client.clone(), &ns);
+    let template = fixture("public-proxy-service.create.json", &ns);
+    let mut pending = Vec::new();
+    for i in 0..N {
+        let mut s = template.clone();
+        s["metadata"]["name"] = json!(format!("ak-outpost-many-{i}"));
+        s["metadata"]["labels"]["goauthentik.io/outpost-name"] = json!(format!("many-{i}"));
+        let service: Service = serde_json::from_value(s).unwrap();
+        let services = services.clone();
+        pending.push(async move { services.create(&PostParams::default(), &service).await });
+        if pending.len() == 20 || i == N - 1 {
+            for r in futures::future::join_all(pending.drain(..)).await {
+                r.unwrap();
+            }
+        }
+    }
+    let certs = temp_dir("paging-certs");
+    certs_into(&certs);
+    let served = spawn_served(replica(&cp.kubeconfig, &certs, &ns, "a", &[]));
+    ready(&served).await;
+    assert_eq!(
+        metric(&served, "outpost_webhook_cluster_cache_services").await,
+        Some(f64::from(N))
+    );
+    // More than ten pages.
+    const { assert!(N > 10 * outpost_webhook::cluster::cache::PAGE_SIZE) };
+}
+
+/// An apiserver restart mid-watch: the watches resume, and a change made after it is seen.
+/// Then etcd compacts history while the replica's apiserver is down and another apiserver of
+/// the same etcd takes writes: the replica resumes from a resourceVersion that is gone, is
+/// answered 410 Gone, lists again, and misses nothing (the Service follows the Deployment
+/// created meanwhile, and the Secret changed meanwhile rolls its outpost once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_survive_an_apiserver_restart_and_a_compaction_that_answers_410_gone() {
+    let cp = ControlPlane::start();
+    let ns = "authentik";
+    cp.create_namespace(ns).await;
+    let client = cp.client().await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    secrets
+        .create(&PostParams::default(), &goauthentik(ns, "pw-1", "k"))
+        .await
+        .unwrap();
+    let certs = temp_dir("restart-certs");
+    certs_into(&certs);
+    let mut served = spawn_served(replica(&cp.kubeconfig, &certs, ns, "a", &[]));
+    ready(&served).await;
+    register(
+        &cp,
+        "outpost-webhook",
+        ns,
+        &format!("https://127.0.0.1:{}/mutate", served.addr.port()),
+        &certs.path().join("ca.crt"),
+    )
+    .await;
+    let services = Api::<Service>::namespaced(client.clone(), ns);
+    services
+        .create(&PostParams::default(), &embedded_service(ns))
+        .await
+        .unwrap();
+
+    // A restart, nothing changed meanwhile; then a change.
+    cp.restart_apiserver();
+    let client = cp.client().await;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
+    let services = Api::<Service>::namespaced(client.clone(), ns);
+    let outpost = wait_for(TAKEOVER, "a write after the restart", || async {
+        deployments
+            .create(&PostParams::default(), &embedded_deployment(ns))
+            .await
+            .ok()
+    })
+    .await;
+    wait_for(
+        TAKEOVER,
+        "the Service follows the new Deployment",
+        || async {
+            let s = services.get(OUTPOST).await.ok()?;
+            (selector(&s) == outpost_pods()).then_some(())
+        },
+    )
+    .await;
+
+    // The replica's apiserver goes down; another one of the same etcd takes the changes, and
+    // etcd compacts them away.
+    let (other, mut other_process) = cp.second_apiserver(&[]);
+    cp.stop_apiserver();
+    let (_dir, other_config) = kubeconfig(&cp, &other, &User::Admin);
+    let kubeconfig = kube::config::Kubeconfig::read_from(&other_config).unwrap();
+    let other_client = Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    Api::<Deployment>::namespaced(other_client.clone(), ns)
+        .delete(OUTPOST, &DeleteParams::default())
+        .await
+        .unwrap();
+    set_secret_key(&other_client, ns, "AUTHENTIK_POSTGRESQL__PASSWORD", "pw-2").await;
+    let recreated = Api::<Deployment>::namespaced(other_client.clone(), ns)
+        .create(&PostParams::default(), &embedded_deployment(ns))
+        .await
+        .unwrap();
+    compact(cp.etcd_url());
+    cp.start_apiserver();
+    let _ = other_process.kill();
+    let _ = other_process.wait();
+    // The Deployment made while the replica was away has the checksum of the Secret it read
+    // then (the replica's cache was stale, so admission hashed the old data); once the replica
+    // lists again it rolls it once.
+    let deployments = Api::<Deployment>::namespaced(cp.client().await, ns);
+    let rolled = wait_for(TAKEOVER, "the outpost rolls after the relist", || async {
+        let d = deployments.get(OUTPOST).await.ok()?;
+        (generation(&d) > generation(&recreated)).then_some(d)
+    })
+    .await;
+    assert_eq!(generation(&rolled), generation(&recreated) + 1);
+    assert_ne!(generation(&outpost), 0);
+    let log = served.lines_so_far().join("\n");
+    assert!(
+        log.contains("410") || log.contains("too old") || log.contains("Expired"),
+        "the watch was answered 410 Gone:\n{log}"
+    );
+}
+
+/// Compacts etcd's history up to its current revision, through its JSON gateway.
+fn compact(etcd: &str) {
+    let post = |path: &str, body: &str| -> Value {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "-X", "POST", "-d", body])
+            .arg(format!("{etcd}{path}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let revision = post("/v3/kv/range", r#"{"key": "AA==", "limit": 1}"#)["header"]["revision"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    post(
+        "/v3/kv/compaction",
+        &format!(r#"{{"revision": "{revision}", "physical": true}}"#),
+    );
 }

@@ -16,9 +16,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{
-        Arc, Mutex, PoisonError, RwLock,
-    },
+    sync::{Arc, Mutex, PoisonError, RwLock},
 };
 
 use futures::StreamExt as _;
@@ -60,8 +58,11 @@ pub struct Cache {
     snapshot: RwLock<Snapshot>,
     services: Stored,
     deployments: Stored,
-    /// Watchers that have neither listed once nor been refused: readiness waits for them.
+    /// Watchers that have neither listed once nor been refused: planning waits for them, and
+    /// readiness waits for those started with the view.
     pending: Mutex<BTreeSet<Watch>>,
+    /// Set once every watcher started with the view has settled.
+    settled_once: std::sync::atomic::AtomicBool,
     /// What the apiserver refused (403): a watch, a reconcile write or the Lease.
     forbidden: Mutex<BTreeSet<Refusal>>,
     /// The watched namespaces, and the Secret names followed in each: the policy in force names
@@ -277,13 +278,26 @@ impl Cache {
         self.lock_pending().is_empty()
     }
 
-    /// Whether admission may answer from this view: every watcher has settled. A refusal does
-    /// not keep a replica unready: under `failurePolicy: Fail`, a Role that lacks a verb (it
-    /// hits every replica alike) would otherwise leave the webhook with no endpoints and refuse
-    /// every outpost write. It is logged, counted, and warned about on the writes it affects.
+    /// Whether admission may answer from this view: every watcher started with the view has
+    /// settled once. A refusal does not keep a replica unready: under `failurePolicy: Fail`, a
+    /// Role that lacks a verb (it hits every replica alike) would otherwise leave the webhook
+    /// with no endpoints and refuse every outpost write; it is logged, counted, and warned about
+    /// on the writes it affects. Nor does a Secret that a reloaded policy names: a ConfigMap edit
+    /// reaches every replica at once, and admission answers meanwhile (the reconciler plans only
+    /// once it has listed).
     #[must_use]
     pub fn ready(&self) -> bool {
-        self.synced()
+        self.settled_once.load(std::sync::atomic::Ordering::Relaxed) || self.synced()
+    }
+
+    /// `watch` has listed once or been refused.
+    fn settle(&self, watch: &Watch) {
+        let mut pending = self.lock_pending();
+        pending.remove(watch);
+        if pending.is_empty() {
+            self.settled_once
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// The watchers that have not settled, for `/readyz`.
@@ -439,7 +453,7 @@ impl Cache {
                         );
                         if !synced {
                             synced = true;
-                            cache.lock_pending().remove(&watch);
+                            cache.settle(&watch);
                             info!(resource = kind.resource(), %namespace, "Watch cache synced");
                         }
                     }
@@ -450,7 +464,7 @@ impl Cache {
                     Err(e) => {
                         if cache.failed(kind, &namespace, scope.as_deref(), &e) {
                             // Refused: settled for readiness; what it would show is unknown.
-                            cache.lock_pending().remove(&watch);
+                            cache.settle(&watch);
                         }
                     }
                 }
@@ -828,28 +842,57 @@ mod tests {
             cache.forbidden(),
             ["list secrets (metadata.name=goauthentk) in authentik"]
         );
-        assert!(cache.ready(), "a Role's typo must not empty the webhook's endpoints");
-        assert!(!cache.refuse(Refusal {
-            verb: "list".into(),
-            resource: "secrets",
-            scope: Some("metadata.name=goauthentk".into()),
-            namespace: "authentik".into(),
-        }), "logged once");
+        assert!(
+            cache.ready(),
+            "a Role's typo must not empty the webhook's endpoints"
+        );
+        assert!(
+            !cache.refuse(Refusal {
+                verb: "list".into(),
+                resource: "secrets",
+                scope: Some("metadata.name=goauthentk".into()),
+                namespace: "authentik".into(),
+            }),
+            "logged once"
+        );
     }
 
     #[test]
     fn a_secret_is_present_missing_or_gone_as_its_watch_lists_it_and_changed_keys_are_named() {
         let cache = Cache::default();
         let scope = Some("metadata.name=goauthentik");
-        assert_eq!(cache.secret_status("authentik", "goauthentik"), SecretStatus::Unknown);
+        assert_eq!(
+            cache.secret_status("authentik", "goauthentik"),
+            SecretStatus::Unknown
+        );
         cache.relisted(Kind::Secret, "authentik", scope, &BTreeSet::new());
-        assert_eq!(cache.secret_status("authentik", "goauthentik"), SecretStatus::Missing);
-        cache.put(Kind::Secret, "authentik", &goauthentik(&json!({"A": "eA==", "B": "eQ=="})));
-        assert_eq!(cache.secret_status("authentik", "goauthentik"), SecretStatus::Present);
+        assert_eq!(
+            cache.secret_status("authentik", "goauthentik"),
+            SecretStatus::Missing
+        );
+        cache.put(
+            Kind::Secret,
+            "authentik",
+            &goauthentik(&json!({"A": "eA==", "B": "eQ=="})),
+        );
+        assert_eq!(
+            cache.secret_status("authentik", "goauthentik"),
+            SecretStatus::Present
+        );
         assert!(cache.changed_keys("authentik", "goauthentik").is_empty());
-        cache.put(Kind::Secret, "authentik", &goauthentik(&json!({"A": "eg==", "C": "eQ=="})));
-        assert_eq!(cache.changed_keys("authentik", "goauthentik"), ["A", "C", "B"]);
+        cache.put(
+            Kind::Secret,
+            "authentik",
+            &goauthentik(&json!({"A": "eg==", "C": "eQ=="})),
+        );
+        assert_eq!(
+            cache.changed_keys("authentik", "goauthentik"),
+            ["A", "C", "B"]
+        );
         cache.remove(Kind::Secret, "authentik", "goauthentik");
-        assert_eq!(cache.secret_status("authentik", "goauthentik"), SecretStatus::Missing);
+        assert_eq!(
+            cache.secret_status("authentik", "goauthentik"),
+            SecretStatus::Missing
+        );
     }
 }

@@ -65,7 +65,13 @@ impl Events {
     }
 
     /// After a successful write of `object` for `write`.
-    pub async fn wrote(&self, cache: &Cache, reason: Reason, write: &Write, object: &DynamicObject) {
+    pub async fn wrote(
+        &self,
+        cache: &Cache,
+        reason: Reason,
+        write: &Write,
+        object: &DynamicObject,
+    ) {
         let note = self.why(cache, reason, write, object);
         let event = Event {
             type_: EventType::Normal,
@@ -74,7 +80,8 @@ impl Events {
             action: action(write.kind).into(),
             secondary: None,
         };
-        self.publish(&event, &reference_of(write.kind, object)).await;
+        self.publish(&event, &reference_of(write.kind, object))
+            .await;
     }
 
     /// After the apiserver refused a write.

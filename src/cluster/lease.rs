@@ -27,9 +27,7 @@ use super::{
     cache::{Cache, Refusal},
     reconciler::{FIELD_MANAGER, backoff, forbidden, stopped},
 };
-use crate::core::lease::{
-    Held, LEASE_DURATION, Observed, RETRY_PERIOD, Record, Step, decide,
-};
+use crate::core::lease::{Held, LEASE_DURATION, Observed, RETRY_PERIOD, Record, Step, decide};
 
 /// Whether this replica holds the Lease now, and until when.
 pub type Leadership = watch::Receiver<Option<Held>>;

@@ -6,11 +6,7 @@ use std::sync::Arc;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::ConstGauge,
-    },
+    metrics::{counter::Counter, family::Family, gauge::ConstGauge},
     registry::Registry,
 };
 

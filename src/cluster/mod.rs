@@ -174,11 +174,7 @@ pub fn start(
     );
     let metrics = Arc::new(metrics::Metrics::new(leadership.clone()));
     tasks.push(lease);
-    let events = events::Events::new(
-        clients.requests.clone(),
-        &settings.identity,
-        policy.clone(),
-    );
+    let events = events::Events::new(clients.requests.clone(), &settings.identity, policy.clone());
     tasks.push(tokio::spawn(reconciler::run(
         reconciler::Reconciler {
             clients,

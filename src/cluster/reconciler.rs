@@ -223,7 +223,11 @@ pub async fn run<P: Fn() -> Arc<Policy>>(r: Reconciler<P>, mut stop: watch::Rece
         }
         let Plan { writes, held_back } = plan_all(&policy, &cache);
         for held in held_back {
-            let key = (held.namespace.clone(), held.name.clone(), held.problems.clone());
+            let key = (
+                held.namespace.clone(),
+                held.name.clone(),
+                held.problems.clone(),
+            );
             if told.insert(key) {
                 hold_back(&clients.requests, &events, &held).await;
             }
@@ -243,11 +247,24 @@ pub async fn run<P: Fn() -> Arc<Policy>>(r: Reconciler<P>, mut stop: watch::Rece
                 failed = true;
                 break;
             }
-            match send(&clients.requests, &policy, cache.as_ref(), &write, may_patch).await {
+            match send(
+                &clients.requests,
+                &policy,
+                cache.as_ref(),
+                &write,
+                may_patch,
+            )
+            .await
+            {
                 Ok(None) => {}
                 Ok(Some(written)) => {
                     metrics.write(write.kind, written.reason, true);
-                    cache.allow(&["get, patch"], resource(write.kind), None, &write.namespace);
+                    cache.allow(
+                        &["get, patch"],
+                        resource(write.kind),
+                        None,
+                        &write.namespace,
+                    );
                     info!(
                         kind = write.kind.as_str(),
                         namespace = %write.namespace,
@@ -255,7 +272,9 @@ pub async fn run<P: Fn() -> Arc<Policy>>(r: Reconciler<P>, mut stop: watch::Rece
                         reason = written.reason.as_str(),
                         "Reconciled"
                     );
-                    events.wrote(&cache, written.reason, &write, &written.object).await;
+                    events
+                        .wrote(&cache, written.reason, &write, &written.object)
+                        .await;
                 }
                 Err(e) => {
                     metrics.write(write.kind, write.reason, false);

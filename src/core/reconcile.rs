@@ -248,7 +248,10 @@ fn records_selector(op: &PatchOperation) -> bool {
     };
     match path.as_str() {
         "/spec/selector" => value.get(OUTPOST_UUID).is_some(),
-        "/spec" => value.pointer("/selector").and_then(|s| s.get(OUTPOST_UUID)).is_some(),
+        "/spec" => value
+            .pointer("/selector")
+            .and_then(|s| s.get(OUTPOST_UUID))
+            .is_some(),
         p => p == format!("/spec/selector/{}", OUTPOST_UUID.replace('/', "~1")),
     }
 }
@@ -313,7 +316,12 @@ mod tests {
                "metadata": {"name": "goauthentik", "namespace": "authentik"}, "data": data})
     }
 
-    fn writes_of(p: &Policy, view: &dyn View, services: &[Value], deployments: &[Value]) -> Vec<Write> {
+    fn writes_of(
+        p: &Policy,
+        view: &dyn View,
+        services: &[Value],
+        deployments: &[Value],
+    ) -> Vec<Write> {
         let planned = plan(p, view, services, deployments);
         assert!(planned.held_back.is_empty());
         planned.writes
@@ -323,10 +331,18 @@ mod tests {
     struct Watched(Snapshot, SecretStatus);
 
     impl View for Watched {
-        fn standalone(&self, namespace: &str, outpost: &crate::core::policy::Outpost<'_>) -> Option<bool> {
+        fn standalone(
+            &self,
+            namespace: &str,
+            outpost: &crate::core::policy::Outpost<'_>,
+        ) -> Option<bool> {
             self.0.standalone(namespace, outpost)
         }
-        fn secret(&self, namespace: &str, name: &str) -> Option<std::collections::BTreeMap<String, [u8; 32]>> {
+        fn secret(
+            &self,
+            namespace: &str,
+            name: &str,
+        ) -> Option<std::collections::BTreeMap<String, [u8; 32]>> {
             self.0.secret(namespace, name)
         }
         fn secret_status(&self, _: &str, _: &str) -> SecretStatus {
@@ -338,27 +354,45 @@ mod tests {
     fn a_deployment_is_not_rolled_to_pods_that_could_not_start() {
         let p = Policy::builtin().unwrap();
         for (status, says) in [
-            (SecretStatus::Missing, "Secret goauthentik not found in authentik"),
-            (SecretStatus::Unreadable, "cannot read Secret goauthentik in authentik"),
+            (
+                SecretStatus::Missing,
+                "Secret goauthentik not found in authentik",
+            ),
+            (
+                SecretStatus::Unreadable,
+                "cannot read Secret goauthentik in authentik",
+            ),
         ] {
             let view = Watched(Snapshot::default(), status);
             let planned = plan(&p, &view, &[], &[deployment()]);
             assert!(planned.writes.is_empty(), "{status:?}");
             assert_eq!(planned.held_back.len(), 1);
-            assert!(planned.held_back[0].problems[0].starts_with(says), "{:?}", planned.held_back);
+            assert!(
+                planned.held_back[0].problems[0].starts_with(says),
+                "{:?}",
+                planned.held_back
+            );
         }
         // A key removed from the Secret: named, never its value.
         let mut without = secret("b25l", "eA==");
-        without["data"].as_object_mut().unwrap().remove("AUTHENTIK_POSTGRESQL__PASSWORD");
+        without["data"]
+            .as_object_mut()
+            .unwrap()
+            .remove("AUTHENTIK_POSTGRESQL__PASSWORD");
         let view = Watched(Snapshot::of(&[without], ""), SecretStatus::Present);
         let planned = plan(&p, &view, &[], &[deployment()]);
         assert!(planned.writes.is_empty());
         assert_eq!(
             planned.held_back[0].problems,
-            ["Secret goauthentik has no key AUTHENTIK_POSTGRESQL__PASSWORD; pods reading it will not start"]
+            [
+                "Secret goauthentik has no key AUTHENTIK_POSTGRESQL__PASSWORD; pods reading it will not start"
+            ]
         );
         // All there: rolled.
-        let view = Watched(Snapshot::of(&[secret("b25l", "eA==")], ""), SecretStatus::Present);
+        let view = Watched(
+            Snapshot::of(&[secret("b25l", "eA==")], ""),
+            SecretStatus::Present,
+        );
         assert_eq!(writes_of(&p, &view, &[], &[deployment()]).len(), 1);
     }
 
@@ -368,7 +402,13 @@ mod tests {
         let view = Snapshot::of(&[secret("b25l", "eA==")], "");
         let mut stored = deployment();
         stored["metadata"]["resourceVersion"] = json!("42");
-        let ops = write_ops(&p, &view, ObjectKind::Deployment, Reason::SecretChanged, &stored);
+        let ops = write_ops(
+            &p,
+            &view,
+            ObjectKind::Deployment,
+            Reason::SecretChanged,
+            &stored,
+        );
         assert_eq!(
             serde_json::to_value(&ops[0]).unwrap(),
             json!({"op": "test", "path": "/metadata/resourceVersion", "value": "42"})
@@ -376,10 +416,25 @@ mod tests {
         let mut fixed = stored.clone();
         json_patch::patch(&mut fixed, &ops).unwrap();
         assert!(fixed["spec"]["template"]["spec"]["containers"][0]["env"].is_array());
-        assert!(write_ops(&p, &view, ObjectKind::Deployment, Reason::SecretChanged, &fixed).is_empty());
+        assert!(
+            write_ops(
+                &p,
+                &view,
+                ObjectKind::Deployment,
+                Reason::SecretChanged,
+                &fixed
+            )
+            .is_empty()
+        );
         // The Secret changes: the write replaces the checksum, which admission never does.
         let changed = Snapshot::of(&[secret("dHdv", "eA==")], "");
-        let roll = write_ops(&p, &changed, ObjectKind::Deployment, Reason::SecretChanged, &fixed);
+        let roll = write_ops(
+            &p,
+            &changed,
+            ObjectKind::Deployment,
+            Reason::SecretChanged,
+            &fixed,
+        );
         assert_eq!(roll.len(), 2, "{roll:?}");
         assert!(matches!(&roll[1], PatchOperation::Replace(r)
             if r.path.as_str() == "/spec/template/metadata/annotations/outpost-webhook~1secret-checksum"));
@@ -395,7 +450,12 @@ mod tests {
         let with = Snapshot::of(&[deployment()], "");
         let moved = writes_of(&p, &with, &[service()], &[]);
         assert_eq!(moved[0].reason, Reason::SelectorFollowsPods);
-        let back = writes_of(&p, &Snapshot::default(), &[apply(&service(), &moved[0])], &[]);
+        let back = writes_of(
+            &p,
+            &Snapshot::default(),
+            &[apply(&service(), &moved[0])],
+            &[],
+        );
         assert_eq!(back[0].reason, Reason::SelectorRestored);
     }
 

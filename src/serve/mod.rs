@@ -254,12 +254,8 @@ async fn start_cluster(
         return Ok(None);
     };
     let policy_app = Arc::clone(app);
-    let running = crate::cluster::start(
-        clients,
-        settings,
-        move || policy_app.policy.current(),
-        stop,
-    );
+    let running =
+        crate::cluster::start(clients, settings, move || policy_app.policy.current(), stop);
     app.metrics.register_cluster(&running);
     let _ = app.cluster.set(Arc::clone(&running.cache));
     Ok(Some(running))

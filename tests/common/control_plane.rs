@@ -38,8 +38,10 @@ use rcgen::{
 };
 use serde_json::json;
 
-/// The release `scripts/ensure-kube-apiserver.sh` builds.
-pub const KUBERNETES_VERSION: &str = "v1.34.4";
+/// The release `scripts/ensure-kube-apiserver.sh` builds, as it pins it.
+pub fn kubernetes_version() -> String {
+    super::tools::pinned("ensure-kube-apiserver.sh", "version")
+}
 const INSTALL: &str = "scripts/ensure-kube-apiserver.sh";
 /// A cold apiserver is ready in about 3 s here; a machine busy compiling takes longer.
 const READY_WITHIN: Duration = Duration::from_secs(90);
@@ -96,14 +98,16 @@ fn asset(name: &str, single: &str) -> PathBuf {
     } else {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("target/tools")
-            .join(format!("k8s-{KUBERNETES_VERSION}"))
+            .join(format!("k8s-{}", kubernetes_version()))
             .join(name)
     };
     assert!(
         path.is_file(),
-        "{name} not found at {}: run `{INSTALL}` (it builds kube-apiserver {KUBERNETES_VERSION} and \
-         etcd once) and set KUBEBUILDER_ASSETS to the directory it prints, or {single} to a binary",
-        path.display()
+        "{name} not found at {}: run `{INSTALL}` (it builds kube-apiserver {} and etcd once; \
+         README's test command runs it), or set KUBEBUILDER_ASSETS to a directory holding both, \
+         or {single} to a binary",
+        path.display(),
+        kubernetes_version()
     );
     path
 }
@@ -352,7 +356,7 @@ impl ControlPlane {
                 d.join("apiserver.key").display()
             ))
             .arg(format!("--client-ca-file={}", d.join("ca.crt").display()))
-            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--service-cluster-ip-range=10.0.0.0/16")
             // The TokenRequest API: a test hands a replica its ServiceAccount's real token.
             .arg("--service-account-issuer=https://kubernetes.default.svc")
             .arg(format!(
@@ -383,6 +387,11 @@ impl ControlPlane {
     /// Restarts the apiserver on the same port, with the same etcd.
     pub fn restart_apiserver(&self) {
         self.stop_apiserver();
+        self.start_apiserver();
+    }
+
+    /// Starts the apiserver (again) with the usual flags.
+    pub fn start_apiserver(&self) {
         let binary = asset("kube-apiserver", "TEST_ASSET_KUBE_APISERVER");
         self.start_apiserver_with(&binary, &[]);
     }

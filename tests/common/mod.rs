@@ -14,11 +14,13 @@ pub mod control_plane;
 pub mod fixtures;
 pub mod kube_fake;
 pub mod load;
+pub mod manifests;
 pub mod pki;
 pub mod pod;
 pub mod process;
 pub mod proxy;
 pub mod server;
+pub mod tools;
 
 pub use client::*;
 pub use fixtures::*;

@@ -41,7 +41,11 @@ impl Drop for Pod {
     fn drop(&mut self) {
         // A failing test shows what each replica logged.
         if std::thread::panicking() {
-            eprintln!("--- {} logged:\n{}", self.name, self.served.lines_so_far().join("\n"));
+            eprintln!(
+                "--- {} logged:\n{}",
+                self.name,
+                self.served.lines_so_far().join("\n")
+            );
         }
         let _ = self.served.child.kill();
         let _ = self.served.child.wait();
@@ -92,7 +96,7 @@ impl Pod {
             .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
             .env("KUBERNETES_SERVICE_PORT", cp.port.to_string())
             .env("POD_NAME", spec.name)
-            .env("POD_NAMESPACE", spec.namespace)
+            .env("POD_NAMESPACE", spec.namespace);
         Self {
             served: spawn_served(command),
             name: spec.name.to_owned(),

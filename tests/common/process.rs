@@ -132,7 +132,14 @@ pub fn serve_with(mut command: Command, dir: &TempDir, extra: &[&str]) -> Served
 }
 
 /// Starts a prepared `serve` command (JSON logs) and waits for the line saying where it serves.
-pub fn spawn_served(mut command: Command) -> Served {
+pub fn spawn_served(command: Command) -> Served {
+    let mut served = start_served(command);
+    served.wait_serving();
+    served
+}
+
+/// Starts a prepared `serve` command (JSON logs) without waiting: several can start together.
+pub fn start_served(mut command: Command) -> Served {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -148,26 +155,33 @@ pub fn spawn_served(mut command: Command) -> Served {
             }
         }
     });
-    let mut served = Served {
+    Served {
         child,
         lines,
         log: Vec::new(),
         addr: "0.0.0.0:0".parse().unwrap(),
         health: "0.0.0.0:0".parse().unwrap(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let Some(line) = served.next_line(Duration::from_secs(10)) else {
-            break;
-        };
-        let v: Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
-        if v["message"] == "Serving admission on TLS and health on HTTP" {
-            served.addr = v["addr"].as_str().unwrap().parse().unwrap();
-            served.health = v["health_addr"].as_str().unwrap().parse().unwrap();
-            return served;
-        }
     }
-    let _ = served.child.kill();
-    panic!("the server did not start:\n{}", served.log.join("\n"));
+}
+
+impl Served {
+    /// Waits (at most 10 s) for the line saying where the process serves, and notes both
+    /// addresses.
+    pub fn wait_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let Some(line) = self.next_line(Duration::from_secs(10)) else {
+                break;
+            };
+            let v: Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+            if v["message"] == "Serving admission on TLS and health on HTTP" {
+                self.addr = v["addr"].as_str().unwrap().parse().unwrap();
+                self.health = v["health_addr"].as_str().unwrap().parse().unwrap();
+                return;
+            }
+        }
+        let _ = self.child.kill();
+        panic!("the server did not start:\n{}", self.log.join("\n"));
+    }
 }

@@ -14,12 +14,14 @@ use std::{
 
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::oneshot,
+    sync::{oneshot, watch},
 };
 
 pub struct ServiceProxy {
     pub addr: SocketAddr,
     backends: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Bumped to end every connection open now.
+    cut: watch::Sender<u64>,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -38,6 +40,7 @@ impl ServiceProxy {
         let addr = listener.local_addr().unwrap();
         let backends = Arc::new(Mutex::new(backends));
         let (stop, stopped) = oneshot::channel();
+        let (cut, cuts) = watch::channel(0);
         let shared = Arc::clone(&backends);
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -54,7 +57,9 @@ impl ServiceProxy {
                         };
                         let backends = shared.lock().unwrap().clone();
                         let next = Arc::clone(&next);
-                        tokio::spawn(forward(inbound, backends, next));
+                        let mut cuts = cuts.clone();
+                        cuts.mark_unchanged();
+                        tokio::spawn(forward(inbound, backends, next, cuts));
                     }
                 };
                 tokio::select! {
@@ -66,8 +71,16 @@ impl ServiceProxy {
         Self {
             addr,
             backends,
+            cut,
             stop: Some(stop),
         }
+    }
+
+    /// A network partition: no backend is reachable any more, and every open connection goes
+    /// silent (it stays open; nothing more passes either way).
+    pub fn cut(&self) {
+        self.set_backends(Vec::new());
+        self.cut.send_modify(|n| *n += 1);
     }
 
     /// Replaces the endpoints, as the endpointslice controller would.
@@ -76,15 +89,28 @@ impl ServiceProxy {
     }
 }
 
+/// How long a cut connection is held open, silent, at most.
+const HOLD: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Connects to the backends in turn from the next one, and copies both ways until either side
-/// closes.
-async fn forward(mut inbound: TcpStream, backends: Vec<SocketAddr>, next: Arc<AtomicUsize>) {
+/// closes. With no backend, or once cut, the connection stays open and silent, as behind a
+/// network partition: the client learns of it only from its own timeouts.
+async fn forward(
+    mut inbound: TcpStream,
+    backends: Vec<SocketAddr>,
+    next: Arc<AtomicUsize>,
+    mut cuts: watch::Receiver<u64>,
+) {
     let start = next.fetch_add(1, Ordering::Relaxed);
     for i in 0..backends.len() {
         let backend = backends[(start + i) % backends.len()];
         if let Ok(mut outbound) = TcpStream::connect(backend).await {
-            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            return;
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                _ = cuts.changed() => break,
+            }
         }
     }
+    let _ = tokio::time::timeout(HOLD, std::future::pending::<()>()).await;
+    drop(inbound);
 }
