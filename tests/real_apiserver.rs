@@ -731,6 +731,57 @@ async fn deploy_plain_runs_two_replicas_under_its_own_rbac() {
     .await;
     outpost = rolls_once(&deployments, &outpost).await;
 
+    // Each write left an Event saying why, as `kubectl get events` shows it.
+    let out = cp
+        .kubectl()
+        .args([
+            "-n",
+            "authentik",
+            "get",
+            "events.events.k8s.io",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let said = |kind: &str, reason: &str| -> Vec<String> {
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["regarding"]["kind"] == kind && e["reason"] == reason)
+            .map(|e| {
+                assert_eq!(e["reportingController"], "outpost-webhook");
+                assert_eq!(e["regarding"]["name"], OUTPOST);
+                e["note"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(
+        said("Deployment", "SecretChanged"),
+        ["Pods rolled: Secret goauthentik key(s) AUTHENTIK_POSTGRESQL__PASSWORD changed"]
+    );
+    assert!(said("Service", "SelectorFollowsOutpostPods").contains(
+        &"Selector set to the pods of the Deployment that runs outpost authentik-embedded-outpost \
+          on its own; the controller's selector is kept in annotation \
+          outpost-webhook/original-selector"
+            .to_owned()
+    ));
+    assert_eq!(
+        said("Service", "SelectorRestored"),
+        [
+            "Selector restored from annotation outpost-webhook/original-selector: no Deployment \
+          runs outpost authentik-embedded-outpost on its own now, so the authentik server pods \
+          serve it"
+        ]
+    );
+
     // The leader dies without releasing the Lease: the other takes over, and the next change
     // still rolls, once.
     let (mut dead, alive) = if a.name == leader { (a, b) } else { (b, a) };
@@ -1229,10 +1280,11 @@ async fn more_than_500_outposts_are_listed_in_pages_and_all_seen() {
     certs_into(&certs);
     let served = spawn_served(replica(&cp.kubeconfig, &certs, &ns, "a", &[]));
     ready(&served).await;
-    assert_eq!(
-        metric(&served, "outpost_webhook_cluster_cache_services").await,
-        Some(f64::from(N))
-    );
+    wait_for(BOUND, "every outpost Service in the cache", || async {
+        let seen = metric(&served, "outpost_webhook_cluster_cache_services").await;
+        (seen == Some(f64::from(N))).then_some(())
+    })
+    .await;
     // More than ten pages.
     const { assert!(N > 10 * outpost_webhook::cluster::cache::PAGE_SIZE) };
 }
@@ -1362,4 +1414,207 @@ fn compact(etcd: &str) {
         "/v3/kv/compaction",
         &format!(r#"{{"revision": "{revision}", "physical": true}}"#),
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Helm chart, as installed
+
+/// `helm template` of the chart as release `release` in `namespace`, with `sets`.
+fn helm_template(release: &str, namespace: &str, sets: &[&str]) -> (String, Vec<Value>) {
+    let mut command = Command::new(common::tools::helm());
+    command
+        .args(["template", release])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/outpost-webhook"))
+        .args(["--namespace", namespace]);
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs = serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect();
+    (text, docs)
+}
+
+/// Issue 17: the chart with its defaults (self-managed TLS), applied to a bare kube-apiserver,
+/// is accepted; two replicas started at once with the rendered args and the chart's
+/// `ServiceAccount` token end with one TLS Secret and a caBundle that verifies what both serve;
+/// and the apiserver's dry runs of outpost objects come back mutated through the webhook the
+/// chart registered. kube-proxy is stood in for: the chart's Service becomes an `ExternalName`
+/// Service for a loopback address whose port 443 forwards to both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_installs_with_self_managed_tls_and_its_webhook_answers_the_apiserver() {
+    const RELEASE: &str = "chart-test";
+    const NS: &str = "chart-system";
+    const WATCHED: &str = "chart-authentik";
+    const FRONT: [u8; 4] = [127, 3, 0, 1];
+    let cp = shared();
+    let client = cp.client().await;
+    cp.create_namespace(NS).await;
+    cp.create_namespace(WATCHED).await;
+    let (text, docs) = helm_template(RELEASE, NS, &[&format!("watchNamespaces={{{WATCHED}}}")]);
+    let applied = kubectl_apply(cp, &text);
+    assert!(
+        applied.contains("mutatingwebhookconfiguration"),
+        "{applied}"
+    );
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .unwrap()
+        .clone();
+    let service = docs
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["spec"]["ports"][0]["port"] == 443)
+        .unwrap();
+    let fullname = service["metadata"]["name"].as_str().unwrap().to_owned();
+    let registration = docs
+        .iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    let registration_name = registration["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        registration["webhooks"][0]["clientConfig"]
+            .get("caBundle")
+            .is_none(),
+        "self-managed: the webhook fills the caBundle"
+    );
+
+    // What kube-proxy would do for the Service: an address that reaches the pods.
+    Api::<Service>::namespaced(client.clone(), NS)
+        .delete(&fullname, &DeleteParams::default())
+        .await
+        .unwrap();
+    let external: Service = serde_json::from_value(json!({
+        "metadata": {"name": fullname, "namespace": NS},
+        "spec": {"type": "ExternalName", "externalName": "127.3.0.1"}}))
+    .unwrap();
+    Api::<Service>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &external)
+        .await
+        .unwrap();
+
+    let policy = temp_dir("chart-policy");
+    let configmap = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    for (file, content) in configmap["data"].as_object().unwrap() {
+        std::fs::write(policy.path().join(file), content.as_str().unwrap()).unwrap();
+    }
+    let token = cp.token(NS, &fullname).await;
+    let volumes: Vec<(String, &Path)> = volume_mounts(&deployment)
+        .into_iter()
+        .map(|(path, _)| (path, policy.path()))
+        .collect();
+    let spec = |name| PodSpec {
+        name,
+        namespace: NS,
+        token: &token,
+        args: container_args(&deployment),
+        volumes: volumes.clone(),
+    };
+    let a = Pod::start(cp, &spec("chart-test-outpost-webhook-aaaaa"));
+    let b = Pod::start(cp, &spec("chart-test-outpost-webhook-bbbbb"));
+    let front = ServiceProxy::start_on((FRONT, 443).into(), vec![a.served.addr, b.served.addr]);
+    wait_for(TAKEOVER, "both replicas ready", || async {
+        (health_get(a.served.health, "/readyz").await.0 == 200
+            && health_get(b.served.health, "/readyz").await.0 == 200)
+            .then_some(())
+    })
+    .await;
+
+    // One Secret, and a caBundle that verifies what both replicas serve, under the Service's
+    // name.
+    let secrets = Api::<Secret>::namespaced(client.clone(), NS)
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap();
+    let tls: Vec<&Secret> = secrets
+        .items
+        .iter()
+        .filter(|s| s.type_.as_deref() == Some("kubernetes.io/tls"))
+        .collect();
+    assert_eq!(tls.len(), 1);
+    assert_eq!(
+        tls[0].metadata.name.as_deref(),
+        Some(format!("{fullname}-tls").as_str())
+    );
+    let stored = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get(&registration_name)
+        .await
+        .unwrap();
+    let bundle = stored.webhooks.as_ref().unwrap()[0]
+        .client_config
+        .ca_bundle
+        .clone()
+        .unwrap();
+    let bundle = String::from_utf8(bundle.0).unwrap();
+    let host = format!("{fullname}.{NS}.svc");
+    for pod in [&a, &b] {
+        let config = common::client_config(&bundle, &[b"http/1.1"], None);
+        common::tls_connect_as(pod.served.addr, config, &host)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} serves a certificate the caBundle does not verify: {e}",
+                    pod.name
+                )
+            });
+    }
+    assert!(metric(&a.served, "outpost_webhook_ca_expiry_timestamp_seconds").await > Some(0.0));
+
+    // The apiserver calls the webhook the chart registered, through the Service.
+    let mutated = wait_for(
+        BOUND,
+        "a dry run of an outpost Deployment is mutated",
+        || async {
+            let d = Api::<Deployment>::namespaced(client.clone(), WATCHED)
+                .create(
+                    &PostParams {
+                        dry_run: true,
+                        ..PostParams::default()
+                    },
+                    &embedded_deployment(WATCHED),
+                )
+                .await
+                .ok()?;
+            env_names(&d)
+                .contains(&"AUTHENTIK_POSTGRESQL__PASSWORD".to_owned())
+                .then_some(d)
+        },
+    )
+    .await;
+    assert!(template_annotation(&mutated, CONFIG_CHECKSUM).is_some());
+    Api::<Deployment>::namespaced(client.clone(), WATCHED)
+        .create(&PostParams::default(), &embedded_deployment(WATCHED))
+        .await
+        .unwrap();
+    wait_for(
+        BOUND,
+        "a dry run of the outpost's Service selects its pods",
+        || async {
+            let s = Api::<Service>::namespaced(client.clone(), WATCHED)
+                .create(
+                    &PostParams {
+                        dry_run: true,
+                        ..PostParams::default()
+                    },
+                    &embedded_service(WATCHED),
+                )
+                .await
+                .ok()?;
+            (selector(&s) == outpost_pods()).then_some(())
+        },
+    )
+    .await;
+    drop(front);
 }

@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod lease;
 pub mod metrics;
 pub mod reconciler;
+pub mod selftls;
 
 use std::{sync::Arc, time::Duration};
 
@@ -45,6 +46,8 @@ pub struct Settings {
     /// This replica's name in the Lease: `$POD_NAME`, else `hostname-pid`.
     pub identity: String,
     pub pace: reconciler::Pace,
+    /// Self-managed TLS (`--tls-secret`), when on.
+    pub tls: Option<selftls::Settings>,
 }
 
 impl Settings {
@@ -57,6 +60,7 @@ impl Settings {
             lease_namespace: "outpost-webhook".into(),
             identity: identity(),
             pace: reconciler::Pace::default(),
+            tls: None,
         }
     }
 }
@@ -142,6 +146,8 @@ pub async fn client(mode: Mode) -> Result<Option<Clients>, ClusterError> {
 pub struct Running {
     pub cache: Arc<Cache>,
     pub metrics: Arc<metrics::Metrics>,
+    /// Self-managed TLS, when on: readiness waits for it.
+    pub tls: Option<Arc<selftls::Status>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -161,6 +167,7 @@ pub fn start(
     clients: Clients,
     settings: &Settings,
     policy: impl Fn() -> Arc<crate::core::policy::Policy> + Clone + Send + Sync + 'static,
+    install: Option<selftls::Install>,
     stop: watch::Receiver<bool>,
 ) -> Running {
     let (cache, mut tasks) = Cache::spawn(&clients.watch, &settings.namespaces);
@@ -174,6 +181,21 @@ pub fn start(
     );
     let metrics = Arc::new(metrics::Metrics::new(leadership.clone()));
     tasks.push(lease);
+    let tls = match (&settings.tls, install) {
+        (Some(tls), Some(install)) => {
+            let (status, tls_tasks) = selftls::start(
+                &clients.requests,
+                &clients.watch,
+                tls.clone(),
+                install,
+                leadership.clone(),
+                stop.clone(),
+            );
+            tasks.extend(tls_tasks);
+            Some(status)
+        }
+        _ => None,
+    };
     let events = events::Events::new(clients.requests.clone(), &settings.identity, policy.clone());
     tasks.push(tokio::spawn(reconciler::run(
         reconciler::Reconciler {
@@ -196,6 +218,7 @@ pub fn start(
     Running {
         cache,
         metrics,
+        tls,
         tasks,
     }
 }

@@ -247,42 +247,15 @@ pub async fn run<P: Fn() -> Arc<Policy>>(r: Reconciler<P>, mut stop: watch::Rece
                 failed = true;
                 break;
             }
-            match send(
+            let result = send(
                 &clients.requests,
                 &policy,
                 cache.as_ref(),
                 &write,
                 may_patch,
             )
-            .await
-            {
-                Ok(None) => {}
-                Ok(Some(written)) => {
-                    metrics.write(write.kind, written.reason, true);
-                    cache.allow(
-                        &["get, patch"],
-                        resource(write.kind),
-                        None,
-                        &write.namespace,
-                    );
-                    info!(
-                        kind = write.kind.as_str(),
-                        namespace = %write.namespace,
-                        name = %write.name,
-                        reason = written.reason.as_str(),
-                        "Reconciled"
-                    );
-                    events
-                        .wrote(&cache, written.reason, &write, &written.object)
-                        .await;
-                }
-                Err(e) => {
-                    metrics.write(write.kind, write.reason, false);
-                    failed = true;
-                    refused_write(&cache, &write, &e);
-                    events.refused(&write, &e).await;
-                }
-            }
+            .await;
+            failed |= !recorded(&cache, &metrics, &events, &write, result).await;
         }
         // The backoff doubles over passes that keep failing, and resets after one that does not.
         failures = if failed {
@@ -291,6 +264,45 @@ pub async fn run<P: Fn() -> Arc<Policy>>(r: Reconciler<P>, mut stop: watch::Rece
             0
         };
         debug!(failures, "Reconcile pass done");
+    }
+}
+
+/// Counts, logs and leaves an Event for one write's result; false when it failed.
+async fn recorded(
+    cache: &Cache,
+    metrics: &Metrics,
+    events: &Events,
+    write: &Write,
+    result: Result<Option<Written>, kube::Error>,
+) -> bool {
+    match result {
+        Ok(None) => true,
+        Ok(Some(written)) => {
+            metrics.write(write.kind, written.reason, true);
+            cache.allow(
+                &["get, patch"],
+                resource(write.kind),
+                None,
+                &write.namespace,
+            );
+            info!(
+                kind = write.kind.as_str(),
+                namespace = %write.namespace,
+                name = %write.name,
+                reason = written.reason.as_str(),
+                "Reconciled"
+            );
+            events
+                .wrote(cache, written.reason, write, &written.object)
+                .await;
+            true
+        }
+        Err(e) => {
+            metrics.write(write.kind, write.reason, false);
+            refused_write(cache, write, &e);
+            events.refused(write, &e).await;
+            false
+        }
     }
 }
 

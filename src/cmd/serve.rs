@@ -43,6 +43,29 @@ pub struct ServeArgs {
         env = "OUTPOST_WEBHOOK_TLS_KEY"
     )]
     pub tls_key: Option<PathBuf>,
+    /// Self-managed TLS: keep a CA and the serving certificate in this Secret of the webhook's
+    /// namespace (--lease-namespace), creating and renewing them, and keep the caBundle of
+    /// --webhook-configuration current. Needs the cluster view. Instead of --tls-cert/--tls-key.
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with_all = ["tls_cert", "tls_key"],
+        env = "OUTPOST_WEBHOOK_TLS_SECRET"
+    )]
+    pub tls_secret: Option<String>,
+    /// With --tls-secret: the MutatingWebhookConfiguration whose caBundle is kept current.
+    #[arg(long, value_name = "NAME", default_value = "outpost-webhook")]
+    pub webhook_configuration: String,
+    /// With --tls-secret: the webhook's Service; the certificate names NAME, NAME.NS,
+    /// NAME.NS.svc and NAME.NS.svc.cluster.local.
+    #[arg(long, value_name = "NAME", default_value = "outpost-webhook")]
+    pub service: String,
+    /// With --tls-secret: how long a new CA is valid; it is rolled with a third of it left.
+    #[arg(long, default_value = "43800h", value_parser = duration)]
+    pub tls_ca_validity: Duration,
+    /// With --tls-secret: how long a serving certificate is valid; it is renewed at two thirds.
+    #[arg(long, default_value = "8760h", value_parser = duration)]
+    pub tls_cert_validity: Duration,
     /// Require client certificates signed by this CA bundle (PEM), for apiservers configured to
     /// present one.
     #[arg(long, value_name = "FILE", env = "OUTPOST_WEBHOOK_CLIENT_CA")]
@@ -141,8 +164,9 @@ pub fn execute(args: ServeArgs) -> Result<(), Error> {
             idle_timeout: args.idle_timeout,
             max_connection_age: args.max_connection_age,
         },
-        certs: match (args.tls_cert, args.tls_key) {
-            (Some(cert), Some(key)) => CertSource::Files { cert, key },
+        certs: match (args.tls_cert, args.tls_key, &args.tls_secret) {
+            (Some(cert), Some(key), _) => CertSource::Files { cert, key },
+            (_, _, Some(_)) => CertSource::SelfManaged,
             _ => CertSource::Development {
                 ca_out: args.dev_ca_out,
             },
@@ -157,12 +181,22 @@ pub fn execute(args: ServeArgs) -> Result<(), Error> {
         cluster: cluster::Settings {
             mode: args.cluster,
             namespaces: args.watch_namespaces,
-            lease_namespace: args.lease_namespace,
+            lease_namespace: args.lease_namespace.clone(),
             identity: cluster::identity(),
             pace: cluster::reconciler::Pace {
                 roll_interval: args.roll_interval,
                 ..cluster::reconciler::Pace::default()
             },
+            tls: args.tls_secret.map(|secret| cluster::selftls::Settings {
+                secret,
+                namespace: args.lease_namespace.clone(),
+                registration: args.webhook_configuration,
+                service: args.service,
+                lifetimes: crate::core::selftls::Lifetimes {
+                    ca_seconds: seconds(args.tls_ca_validity),
+                    serving_seconds: seconds(args.tls_cert_validity),
+                },
+            }),
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -175,6 +209,10 @@ pub fn execute(args: ServeArgs) -> Result<(), Error> {
         serve::run(config, stop).await?;
         Ok(())
     })
+}
+
+fn seconds(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
 /// Resolves on SIGTERM (the kubelet stopping the pod) or SIGINT (Ctrl-C).

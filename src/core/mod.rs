@@ -15,6 +15,7 @@ pub mod mutate;
 pub mod policy;
 pub mod quantity;
 pub mod reconcile;
+pub mod selftls;
 
 /// Folds a parser's multi-line message onto one line, for logs, `kubectl` and `file:line:` errors.
 #[must_use]

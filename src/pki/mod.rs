@@ -43,6 +43,13 @@ pub enum PkiError {
     KeyMismatch,
 }
 
+/// When a certificate is valid: from `not_before` to `not_after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
 /// A CA and a serving certificate it signed, PEM-encoded.
 pub struct Generated {
     pub ca_pem: String,
@@ -84,6 +91,29 @@ impl Ca {
             KeyUsagePurpose::DigitalSignature,
         ];
         set_validity(&mut ca, days)?;
+        Self::self_signed(ca)
+    }
+
+    /// A new CA named `name`, valid exactly for `validity` (self-managed TLS renews by the
+    /// second, not by the day).
+    ///
+    /// # Errors
+    /// When the key cannot be generated.
+    pub fn new_valid(name: &str, validity: Validity) -> Result<Self, PkiError> {
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.distinguished_name.push(DnType::CommonName, name);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        ca.not_before = validity.not_before;
+        ca.not_after = validity.not_after;
+        Self::self_signed(ca)
+    }
+
+    fn self_signed(ca: CertificateParams) -> Result<Self, PkiError> {
         let key = KeyPair::generate()?;
         let pem = pem_certificate(ca.self_signed(&key)?.der());
         Ok(Self {
@@ -154,6 +184,29 @@ impl Ca {
         self.sign(leaf, name, ExtendedKeyUsagePurpose::ServerAuth, days)
     }
 
+    /// A serving certificate for `sans`, valid exactly for `validity`.
+    ///
+    /// # Errors
+    /// When a SAN is not a valid DNS name, the validity ends after the CA's, or the key cannot
+    /// be generated.
+    pub fn serving_valid(
+        &self,
+        sans: &[String],
+        validity: Validity,
+    ) -> Result<Generated, PkiError> {
+        let mut leaf = CertificateParams::new(Vec::<String>::new())?;
+        for san in sans {
+            leaf.subject_alt_names.push(match san.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(san.clone().try_into()?),
+            });
+        }
+        leaf.not_before = validity.not_before;
+        leaf.not_after = validity.not_after;
+        let name = sans.first().map_or("outpost-webhook", String::as_str);
+        self.signed(leaf, name, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
     /// A client certificate named `common_name`.
     ///
     /// # Errors
@@ -170,11 +223,20 @@ impl Ca {
         usage: ExtendedKeyUsagePurpose,
         days: u32,
     ) -> Result<Generated, PkiError> {
+        set_validity(&mut leaf, days)?;
+        self.signed(leaf, common_name, usage)
+    }
+
+    fn signed(
+        &self,
+        mut leaf: CertificateParams,
+        common_name: &str,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> Result<Generated, PkiError> {
         leaf.distinguished_name
             .push(DnType::CommonName, common_name);
         leaf.extended_key_usages = vec![usage];
         leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        set_validity(&mut leaf, days)?;
         // A chain is only as valid as its shortest link: a leaf past its CA would be refused
         // from the day the CA expires, with nothing in the leaf to say why.
         if leaf.not_after > self.not_after {

@@ -75,6 +75,51 @@ pub fn ca_bundle(pem: &[u8]) -> Result<Vec<Vec<u8>>, BundleError> {
     Ok(out)
 }
 
+/// Of a serving certificate (DER): whether `ca` (DER) signed it, and whether its DNS names are
+/// exactly `names` (in any order). Both false when it does not parse.
+#[must_use]
+pub fn serving_facts(der: &[u8], ca: Option<&[u8]>, names: &[String]) -> (bool, bool) {
+    let Ok((_, cert)) = parse_x509_certificate(der) else {
+        return (false, false);
+    };
+    let signed = ca
+        .and_then(|ca| parse_x509_certificate(ca).ok())
+        .is_some_and(|(_, ca)| {
+            cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok()
+        });
+    let mut found: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    let mut wanted = names.to_vec();
+    wanted.sort();
+    (signed, found == wanted)
+}
+
+/// Whether `key_pem` is the private key of the certificate `der`.
+#[must_use]
+pub fn key_matches(der: &[u8], key_pem: &[u8]) -> bool {
+    let Ok((_, cert)) = parse_x509_certificate(der) else {
+        return false;
+    };
+    let Ok(key) = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(key_pem)) else {
+        return false;
+    };
+    key.public_key_raw() == cert.public_key().subject_public_key.data.as_ref()
+}
+
 /// basicConstraints CA:true, present once.
 pub(super) fn is_ca(cert: &X509Certificate<'_>) -> bool {
     matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca)
@@ -85,6 +130,30 @@ mod tests {
     use super::*;
     use crate::pki::{Ca, generate};
     use rustls::pki_types::{CertificateDer, pem::PemObject};
+
+    #[test]
+    fn a_serving_certificate_is_checked_against_its_ca_names_and_key() {
+        let (ca, other) = (Ca::new("ca", 10).unwrap(), Ca::new("ca", 10).unwrap());
+        let names = vec!["w.ns.svc".to_owned(), "w".to_owned()];
+        let leaf = ca.serving(&names, 5).unwrap();
+        let der = |pem: &str| first_certificate(pem.as_bytes()).unwrap();
+        let cert = der(&leaf.cert_pem);
+        assert_eq!(
+            serving_facts(
+                &cert,
+                Some(&der(&ca.pem())),
+                &["w".into(), "w.ns.svc".into()]
+            ),
+            (true, true)
+        );
+        // Another CA of the same name did not sign it; other names do not match.
+        assert_eq!(
+            serving_facts(&cert, Some(&der(&other.pem())), &["x".into()]),
+            (false, false)
+        );
+        assert!(key_matches(&cert, leaf.key_pem.as_bytes()));
+        assert!(!key_matches(&cert, ca.key_pem().as_bytes()));
+    }
 
     #[test]
     fn not_after_refuses_truncated_input() {

@@ -55,6 +55,11 @@ pub struct App {
     pub budget: Budget,
     /// The cluster view, once started (`--cluster`); admission reads it, never the API.
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cache>>,
+    /// Self-managed TLS, once started (`--tls-secret`): readiness waits for it.
+    pub self_tls: std::sync::OnceLock<(
+        Arc<crate::cluster::selftls::Status>,
+        crate::cluster::selftls::Settings,
+    )>,
     draining: AtomicBool,
 }
 
@@ -74,6 +79,7 @@ impl App {
             limits,
             budget: Budget::new(limits.max_inflight_bytes, limits.max_body_bytes),
             cluster: std::sync::OnceLock::new(),
+            self_tls: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
         };
         app.metrics
@@ -94,6 +100,11 @@ impl App {
     pub fn not_ready(&self) -> Option<String> {
         if self.draining.load(Ordering::Relaxed) {
             return Some("draining".into());
+        }
+        if let Some((status, settings)) = self.self_tls.get()
+            && let Some(why) = status.not_ready(settings)
+        {
+            return Some(why);
         }
         let not_after = self.certs.current().not_after;
         let now = std::time::SystemTime::now()

@@ -392,6 +392,9 @@ impl Metrics {
         cluster
             .metrics
             .register(&mut registry, std::sync::Arc::clone(&cluster.cache));
+        if let Some(tls) = &cluster.tls {
+            registry.register_collector(Box::new(CaExpiry(std::sync::Arc::clone(tls))));
+        }
     }
 
     /// The `OpenMetrics` text exposition, which Prometheus reads.
@@ -454,5 +457,29 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
+    }
+}
+
+/// The self-managed CA's `notAfter`, read at each scrape; absent until the Secret is read.
+#[derive(Debug)]
+struct CaExpiry(std::sync::Arc<crate::cluster::selftls::Status>);
+
+impl prometheus_client::collector::Collector for CaExpiry {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        let Some(not_after) = self.0.ca_not_after() else {
+            return Ok(());
+        };
+        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(not_after);
+        let e = encoder.encode_descriptor(
+            "ca_expiry_timestamp_seconds",
+            "notAfter of the self-managed CA that signed the serving certificate, in Unix seconds",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(e)
     }
 }

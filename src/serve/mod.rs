@@ -64,6 +64,10 @@ pub enum CertSource {
     /// A development CA and certificate for localhost, generated at start; the CA bundle is
     /// written to `ca_out` for clients.
     Development { ca_out: PathBuf },
+    /// Self-managed: the cluster view's `selftls` keeps a CA and serving certificate in a Secret
+    /// (`cluster.tls`) and hands each new certificate over. Until the first arrives the process
+    /// serves a throwaway one and is not ready.
+    SelfManaged,
 }
 
 /// Everything `serve` needs.
@@ -103,6 +107,11 @@ pub enum ServeError {
     Generate(#[from] PkiError),
     #[error(transparent)]
     Budget(#[from] budget::BudgetError),
+    #[error(
+        "--tls-secret needs the cluster view: run it in a cluster (in-cluster configuration), or \
+         with --cluster on"
+    )]
+    SelfTlsWithoutCluster,
     #[error("cannot write the development CA bundle to {path}")]
     WriteCa {
         path: String,
@@ -124,6 +133,7 @@ pub fn prepare(config: &Config) -> Result<(Arc<App>, Arc<ServerConfig>), ServeEr
     let certs = Arc::new(match &config.certs {
         CertSource::Files { cert, key } => Polled::open(vec![cert.clone(), key.clone()])?,
         CertSource::Development { ca_out } => Polled::fixed(development(ca_out)?),
+        CertSource::SelfManaged => Polled::fixed(placeholder()?),
     });
     let client_ca = match &config.client_ca {
         Some(path) => Some(Arc::new(Polled::<ClientCa>::open(vec![path.clone()])?)),
@@ -143,6 +153,18 @@ pub fn prepare(config: &Config) -> Result<(Arc<App>, Arc<ServerConfig>), ServeEr
     );
     let app = App::new(policy, certs, client_ca, config.limits);
     Ok((Arc::new(app), tls))
+}
+
+/// What self-managed TLS serves before its Secret is read: a certificate no client trusts, for a
+/// replica that is not ready yet.
+fn placeholder() -> Result<ServingCert, ServeError> {
+    let generated = pki::generate(&["outpost-webhook.invalid".into()], 1)?;
+    Ok(ServingCert::from_pem(
+        generated.cert_pem.as_bytes(),
+        generated.key_pem.as_bytes(),
+        "placeholder certificate",
+        "placeholder key",
+    )?)
 }
 
 /// A certificate for localhost signed by a new CA, whose bundle is written to `ca_out`.
@@ -251,13 +273,37 @@ async fn start_cluster(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<crate::cluster::Running>, ServeError> {
     let Some(clients) = crate::cluster::client(settings.mode).await? else {
+        if settings.tls.is_some() {
+            return Err(ServeError::SelfTlsWithoutCluster);
+        }
         return Ok(None);
     };
     let policy_app = Arc::clone(app);
-    let running =
-        crate::cluster::start(clients, settings, move || policy_app.policy.current(), stop);
+    let install_app = Arc::clone(app);
+    let install: crate::cluster::selftls::Install = Box::new(move |cert, key| {
+        let metrics = &install_app.metrics;
+        let serving = ServingCert::from_pem(cert, key, "Secret tls.crt", "Secret tls.key")
+            .map_err(|e| {
+                metrics.reload(metrics::Reloaded::Certificate, false);
+                e.to_string()
+            })?;
+        metrics.certificate_expiry(serving.not_after);
+        metrics.reload(metrics::Reloaded::Certificate, true);
+        install_app.certs.set(serving);
+        Ok(())
+    });
+    let running = crate::cluster::start(
+        clients,
+        settings,
+        move || policy_app.policy.current(),
+        settings.tls.is_some().then_some(install),
+        stop,
+    );
     app.metrics.register_cluster(&running);
     let _ = app.cluster.set(Arc::clone(&running.cache));
+    if let (Some(status), Some(tls)) = (&running.tls, &settings.tls) {
+        let _ = app.self_tls.set((Arc::clone(status), tls.clone()));
+    }
     Ok(Some(running))
 }
 

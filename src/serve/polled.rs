@@ -113,6 +113,12 @@ impl<T: Parse> Polled<T> {
         })
     }
 
+    /// Puts `value` in force: for a value that comes from elsewhere than files (the self-managed
+    /// TLS Secret, watched through the apiserver).
+    pub fn set(&self, value: T) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(value);
+    }
+
     /// The value in force. Cheap: one read lock and a reference count.
     #[must_use]
     pub fn current(&self) -> Arc<T> {

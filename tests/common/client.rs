@@ -63,6 +63,18 @@ pub async fn tls_connect(
         .await
 }
 
+/// Opens a TLS connection, verifying the server as `name`.
+pub async fn tls_connect_as(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    name: &str,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    TlsConnector::from(config)
+        .connect(ServerName::try_from(name.to_owned()).unwrap(), tcp)
+        .await
+}
+
 /// An HTTP/1.1 keep-alive connection, as the apiserver pools towards Service webhooks.
 pub struct Http1 {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,

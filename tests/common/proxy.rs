@@ -35,7 +35,13 @@ impl Drop for ServiceProxy {
 
 impl ServiceProxy {
     pub fn start(backends: Vec<SocketAddr>) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(([127, 0, 0, 1], 0).into(), backends)
+    }
+
+    /// As [`ServiceProxy::start`], listening on `bind`.
+    pub fn start_on(bind: SocketAddr, backends: Vec<SocketAddr>) -> Self {
+        let listener = std::net::TcpListener::bind(bind)
+            .unwrap_or_else(|e| panic!("cannot listen on {bind} (port 443 needs root): {e}"));
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let backends = Arc::new(Mutex::new(backends));
