@@ -249,4 +249,36 @@ fn webhook_config_renders_the_registration_with_a_ca_bundle() {
         v["webhooks"][0]["clientConfig"]["service"]["path"],
         "/mutate"
     );
+    // The default namespace is where deploy/ runs the webhook: no warning.
+    assert_eq!(text(&out.stderr), "");
+}
+
+#[test]
+fn webhook_config_warns_when_the_service_namespace_is_the_outposts() {
+    // `--namespace` names where the webhook's Service is; the namespace the selector picks for
+    // outposts there is the usual slip. The registration is still printed as asked.
+    for args in [
+        &["webhook-config", "--namespace", "authentik"][..],
+        &[
+            "webhook-config",
+            "--namespace",
+            "identity",
+            "--namespace-selector",
+            "kubernetes.io/metadata.name=identity",
+        ][..],
+    ] {
+        let out = run(args, b"");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stderr = text(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("warning: --namespace ") && stderr.contains("webhook's own Service"),
+            "{stderr}"
+        );
+        let v: Value = serde_saphyr::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            v["webhooks"][0]["clientConfig"]["service"]["namespace"],
+            args[2]
+        );
+    }
 }

@@ -1,6 +1,8 @@
-//! Reads what `doctor` checks from the live cluster: the registration and the Service it calls,
-//! and in each namespace the outpost Services, every Deployment, Pod and `EndpointSlice`, the
-//! Secrets the outposts' env names, and what a no-op dry-run PATCH of each outpost object returns.
+//! Reads what `doctor` checks from the live cluster: the registration, the Service it calls and
+//! the Deployments beside it, the policy the webhook runs (the ConfigMap key its Deployment
+//! mounts), and in each namespace the outpost Services, every Deployment, Pod and
+//! `EndpointSlice`, the Secrets the outposts' env names, and what a no-op dry-run PATCH of each
+//! outpost object returns.
 //!
 //! Network I/O: reads, and `PATCH`es with `dryRun=All` that change nothing (the apiserver runs
 //! admission on them and stores nothing). Secret data is turned into SHA-256 digests by key as
@@ -15,7 +17,7 @@ use std::{
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
     apps::v1::Deployment,
-    core::v1::{Namespace, Pod, Secret, Service},
+    core::v1::{ConfigMap, Namespace, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -28,8 +30,9 @@ use serde_json::{Value, json};
 use crate::{
     core::{
         cluster::{deployment_selector, secret_digests},
-        doctor::{DryRun, Inputs, selected_pods},
+        doctor::{DryRun, Inputs, PolicyRef, PolicySource, locate_policy, selected_pods},
         mutate::{ObjectKind, identify_outpost, outpost_container},
+        policy::{Policy, PolicyError},
     },
     k8s::{MANAGED_BY, MANAGED_BY_AUTHENTIK},
 };
@@ -41,10 +44,17 @@ pub struct Scope {
     pub namespaces: Vec<String>,
     /// The MutatingWebhookConfiguration's name.
     pub registration: String,
-    /// Secrets the policy reads, by name, in each namespace.
-    pub secrets: BTreeSet<String>,
+    /// `--policy`: judge against this one, and do not look for the webhook's.
+    pub policy: Option<Policy>,
     /// Read the start of each outpost pod's log.
     pub logs: bool,
+}
+
+/// What `gather` read, and the policy to judge it against (`inputs.policy_source` says which).
+#[derive(Debug, Clone)]
+pub struct Gathered {
+    pub inputs: Inputs,
+    pub policy: Policy,
 }
 
 /// How long the first request may take: an apiserver that does not answer it is unreachable.
@@ -79,6 +89,8 @@ pub enum InspectError {
         resource: &'static str,
         namespace: Option<String>,
     },
+    #[error("the built-in policy")]
+    BuiltinPolicy(#[source] PolicyError),
     #[error("the apiserver answered `{verb} {resource}`{} with {code}: {message}", in_namespace(.namespace.as_deref()))]
     Api {
         verb: &'static str,
@@ -211,7 +223,7 @@ async fn list_untyped(
 /// # Errors
 /// When the apiserver cannot be reached within [`FIRST_ANSWER`], or refuses a read or the dry
 /// run (naming the verb and resource).
-pub async fn gather(client: &Client, scope: &Scope) -> Result<Inputs, InspectError> {
+pub async fn gather(client: &Client, scope: &Scope) -> Result<Gathered, InspectError> {
     let mut inputs = Inputs {
         registration_name: scope.registration.clone(),
         namespaces: scope.namespaces.clone(),
@@ -231,28 +243,15 @@ pub async fn gather(client: &Client, scope: &Scope) -> Result<Inputs, InspectErr
             })??;
 
     if let Some((namespace, name)) = webhook_service(inputs.registration.as_ref()) {
-        let api = Api::<Service>::namespaced(client.clone(), &namespace);
-        let what = What {
-            verb: "get",
-            resource: "services",
-            namespace: Some(&namespace),
-        };
-        inputs.webhook_service = get(&api, &name, what).await?;
-        // A watched namespace's EndpointSlices are all read below.
-        if inputs.webhook_service.is_some() && !scope.namespaces.contains(&namespace) {
-            let api = Api::<EndpointSlice>::namespaced(client.clone(), &namespace);
-            let params =
-                ListParams::default().labels(&format!("kubernetes.io/service-name={name}"));
-            let what = What {
-                verb: "list",
-                resource: "endpointslices",
-                namespace: Some(&namespace),
-            };
-            inputs
-                .endpoint_slices
-                .extend(list(&api, &params, what).await?);
-        }
+        webhook(client, scope, &mut inputs, &namespace, &name).await?;
     }
+    let (policy, source) = if let Some(policy) = &scope.policy {
+        let path = policy.source().to_owned();
+        (policy.clone(), PolicySource::Flag { path })
+    } else {
+        in_force(client, &inputs).await?
+    };
+    inputs.policy_source = Some(source);
 
     for ns in &scope.namespaces {
         let at = |verb, resource| What {
@@ -263,8 +262,9 @@ pub async fn gather(client: &Client, scope: &Scope) -> Result<Inputs, InspectErr
         let outposts =
             ListParams::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_AUTHENTIK}"));
         let all = ListParams::default();
-        // The namespace's labels, for the registration's namespaceSelector. Optional: a caller
-        // who may not read Namespaces gets every other check.
+        // The namespace's labels, for the registration's namespaceSelector, and whether it
+        // exists: a list in a namespace that does not is just empty. Optional: a caller who may
+        // not read Namespaces gets every other check.
         let namespaces = Api::<Namespace>::all(client.clone());
         match namespaces.get_opt(ns).await {
             Ok(Some(namespace)) => {
@@ -272,7 +272,10 @@ pub async fn gather(client: &Client, scope: &Scope) -> Result<Inputs, InspectErr
                     .namespace_labels
                     .insert(ns.clone(), namespace.metadata.labels.unwrap_or_default());
             }
-            Ok(None) => {}
+            Ok(None) => {
+                inputs.absent_namespaces.insert(ns.clone());
+                continue;
+            }
             Err(kube::Error::Api(s)) if s.code == 403 => {}
             Err(e) => return Err(at("get", "namespaces").error(e)),
         }
@@ -294,7 +297,7 @@ pub async fn gather(client: &Client, scope: &Scope) -> Result<Inputs, InspectErr
             .extend(list(&slices, &all, at("list", "endpointslices")).await?);
 
         let secrets = Api::<Secret>::namespaced(client.clone(), ns);
-        for name in secret_names(scope, &inputs.deployments, ns) {
+        for name in secret_names(&policy.secret_names(), &inputs.deployments, ns) {
             let what = at("get", "secrets");
             let secret = get(&secrets, &name, what).await?;
             // Digests only, from here on.
@@ -308,7 +311,118 @@ pub async fn gather(client: &Client, scope: &Scope) -> Result<Inputs, InspectErr
     if scope.logs {
         inputs.logs = Some(logs(client, &inputs).await?);
     }
-    Ok(inputs)
+    Ok(Gathered { inputs, policy })
+}
+
+/// The Service the registration calls, its `EndpointSlice`s, and the Deployments beside it: which
+/// of them runs the webhook's pods, and so mounts its policy.
+async fn webhook(
+    client: &Client,
+    scope: &Scope,
+    inputs: &mut Inputs,
+    namespace: &str,
+    name: &str,
+) -> Result<(), InspectError> {
+    let at = |verb, resource| What {
+        verb,
+        resource,
+        namespace: Some(namespace),
+    };
+    let api = Api::<Service>::namespaced(client.clone(), namespace);
+    inputs.webhook_service = get(&api, name, at("get", "services")).await?;
+    if inputs.webhook_service.is_none() {
+        return Ok(());
+    }
+    // A watched namespace's EndpointSlices are all read with its outposts.
+    if !scope.namespaces.iter().any(|n| n == namespace) {
+        let api = Api::<EndpointSlice>::namespaced(client.clone(), namespace);
+        let params = ListParams::default().labels(&format!("kubernetes.io/service-name={name}"));
+        inputs
+            .endpoint_slices
+            .extend(list(&api, &params, at("list", "endpointslices")).await?);
+    }
+    // Optional: without them doctor cannot tell which pods the Service reaches or which policy
+    // they run, and says so; every other check still runs.
+    let deployments = untyped::<Deployment>(client, namespace);
+    match deployments.0.list(&ListParams::default()).await {
+        Ok(list) => {
+            inputs.webhook_deployments = Some(
+                list.items
+                    .into_iter()
+                    .filter_map(|o| untyped_value(o, &deployments.1))
+                    .collect(),
+            );
+        }
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        Err(e) => return Err(at("list", "deployments").error(e)),
+    }
+    Ok(())
+}
+
+/// The policy the webhook runs, and where it was found; the built-in policy, and why, when it
+/// cannot be found.
+async fn in_force(
+    client: &Client,
+    inputs: &Inputs,
+) -> Result<(Policy, PolicySource), InspectError> {
+    let builtin = |why: String| {
+        Policy::builtin()
+            .map(|p| (p, PolicySource::Fallback { why }))
+            .map_err(InspectError::BuiltinPolicy)
+    };
+    let found = match locate_policy(inputs) {
+        Err(why) => return builtin(why),
+        Ok(found) => found,
+    };
+    let PolicyRef::ConfigMap {
+        namespace,
+        name,
+        key,
+        ..
+    } = &found
+    else {
+        return Policy::builtin()
+            .map(|p| (p, PolicySource::InForce(found.clone())))
+            .map_err(InspectError::BuiltinPolicy);
+    };
+    let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
+    let configmap = match api.get_opt(name).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return builtin(format!("ConfigMap {namespace}/{name} does not exist")),
+        // Optional, as `--policy` does without it.
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            return builtin(format!(
+                "the apiserver refuses `get configmaps` in namespace {namespace}"
+            ));
+        }
+        Err(e) => {
+            return Err(What {
+                verb: "get",
+                resource: "configmaps",
+                namespace: Some(namespace),
+            }
+            .error(e));
+        }
+    };
+    let text = configmap
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|t| t.as_bytes().to_vec())
+        .or_else(|| {
+            configmap
+                .binary_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|b| b.0.clone())
+        });
+    let Some(text) = text else {
+        return builtin(format!("ConfigMap {namespace}/{name} has no key {key}"));
+    };
+    match Policy::from_bytes(&format!("ConfigMap {namespace}/{name} key {key}"), &text) {
+        Ok(policy) => Ok((policy, PolicySource::InForce(found))),
+        Err(e) => builtin(crate::core::one_line(&error_chain(&e))),
+    }
 }
 
 /// The Service the first webhook calls, as (namespace, name).
@@ -323,8 +437,12 @@ fn webhook_service(registration: Option<&Value>) -> Option<(String, String)> {
 }
 
 /// The policy's Secrets, and every Secret an outpost container's env or envFrom names.
-fn secret_names(scope: &Scope, deployments: &[Value], namespace: &str) -> BTreeSet<String> {
-    let mut names = scope.secrets.clone();
+fn secret_names(
+    policy: &BTreeSet<String>,
+    deployments: &[Value],
+    namespace: &str,
+) -> BTreeSet<String> {
+    let mut names = policy.clone();
     for d in deployments {
         if d.pointer("/metadata/namespace").and_then(Value::as_str) != Some(namespace) {
             continue;

@@ -1,5 +1,6 @@
 //! `outpost-webhook doctor`: the operator's upgrade checklist, run against the live cluster
-//! through the caller's kubeconfig.
+//! through the caller's kubeconfig, judging the outposts against the policy the webhook runs
+//! (found in the cluster) unless `--policy` names one.
 //!
 //! Network I/O through `cluster::inspect` (reads, and dry-run patches that change nothing); the
 //! checks are `core::doctor`'s; this module parses flags, renders the expected registration,
@@ -14,7 +15,7 @@ use super::{
     webhook_config::{Options, WebhookConfigError, render},
 };
 use crate::{
-    cluster::inspect::{self, InspectError, Scope},
+    cluster::inspect::{self, Gathered, InspectError, Scope},
     core::doctor::{self, Report},
 };
 
@@ -32,7 +33,9 @@ pub struct DoctorArgs {
     /// The MutatingWebhookConfiguration's name.
     #[arg(long, value_name = "NAME", default_value = "outpost-webhook")]
     pub registration: String,
-    /// The policy the webhook runs, to compare the Deployments with (default: the built-in one).
+    /// The policy to judge the outposts against. Default: the one the webhook runs, the
+    /// ConfigMap key its Deployment mounts (found from the registration's Service); the built-in
+    /// policy when that cannot be found, which the report says.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
     /// The kubeconfig context (default: the current one).
@@ -100,8 +103,12 @@ impl DoctorError {
 /// # Errors
 /// [`DoctorError::Failed`] when a check failed; the others when it could not run.
 pub fn execute(args: &DoctorArgs) -> Result<(), Error> {
-    let policy =
-        load_policy(args.policy.as_deref()).map_err(|e| DoctorError::Policy(Box::new(e)))?;
+    let policy = args
+        .policy
+        .as_deref()
+        .map(|p| load_policy(Some(p)))
+        .transpose()
+        .map_err(|e| DoctorError::Policy(Box::new(e)))?;
     let expected = expected_registration()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -110,15 +117,16 @@ pub fn execute(args: &DoctorArgs) -> Result<(), Error> {
     let scope = Scope {
         namespaces: args.namespaces.clone(),
         registration: args.registration.clone(),
-        secrets: policy.secret_names(),
+        policy,
         logs: args.logs,
     };
-    let mut inputs = runtime.block_on(async {
+    let gathered = runtime.block_on(async {
         let (client, url) = client(args.context.as_deref()).await?;
         inspect::gather(&client, &scope)
             .await
             .map_err(|source| DoctorError::Inspect { url, source })
     })?;
+    let Gathered { mut inputs, policy } = gathered;
     inputs.expected = expected;
     inputs.now = now();
     let findings = doctor::check(&policy, &inputs);
@@ -126,10 +134,8 @@ pub fn execute(args: &DoctorArgs) -> Result<(), Error> {
         Output::Text => print!("{}", doctor::render_text(&findings)),
         Output::Json => println!(
             "{}",
-            serde_json::to_string_pretty(&Report {
-                findings: &findings
-            })
-            .unwrap_or_default()
+            serde_json::to_string_pretty(&Report::new(&findings, inputs.policy_source.as_ref()))
+                .unwrap_or_default()
         ),
     }
     match doctor::exit_code(&findings) {

@@ -2,7 +2,8 @@
 //! `deploy/base/webhook.yaml` (compiled in, so the binary and `deploy/` cannot drift), with a CA
 //! bundle and a client config filled in.
 //!
-//! [`execute`] reads the CA files and prints; [`ca_bundle`] and [`render`] are pure.
+//! [`execute`] reads the CA files and prints; [`ca_bundle`], [`render`] and
+//! [`misplaced_service`] are pure.
 
 use std::path::{Path, PathBuf};
 
@@ -28,7 +29,7 @@ pub struct WebhookConfigArgs {
     /// The webhook's Service.
     #[arg(long, default_value = "outpost-webhook", conflicts_with = "url")]
     pub service: String,
-    /// The webhook's namespace.
+    /// The namespace of the webhook's Service: where the webhook runs, not the outposts.
     #[arg(long, default_value = "outpost-webhook", conflicts_with = "url")]
     pub namespace: String,
     /// Call the webhook at this `https://` URL instead of a Service (for a local apiserver:
@@ -69,17 +70,69 @@ pub fn execute(args: WebhookConfigArgs) -> Result<(), Error> {
             namespace: args.namespace,
         },
     };
-    print!(
-        "{}",
-        render(&Options {
-            ca_bundle,
-            target,
-            namespace_selector: args.namespace_selector,
-            failure_policy: args.failure_policy,
-        })?
-    );
+    let options = Options {
+        ca_bundle,
+        target,
+        namespace_selector: args.namespace_selector,
+        failure_policy: args.failure_policy,
+    };
+    let rendered = render(&options)?;
+    if let Some(warning) = misplaced_service(&options) {
+        eprintln!("warning: {warning}");
+    }
+    print!("{rendered}");
     Ok(())
 }
+
+/// A warning when the webhook's Service would be looked for in a namespace the registration's
+/// `namespaceSelector` picks by name (`kubernetes.io/metadata.name`), where the outposts run:
+/// `--namespace` names where the webhook itself runs, and the outposts' namespace there is almost
+/// certainly a slip. The apiserver would call a Service that is not there and refuse every
+/// outpost write (failurePolicy Fail).
+#[must_use]
+pub fn misplaced_service(options: &Options) -> Option<String> {
+    let Target::Service { name, namespace } = &options.target else {
+        return None;
+    };
+    let selector = match &options.namespace_selector {
+        Some(s) => json!({"matchLabels": parse_selector(s).ok()?}),
+        None => serde_saphyr::from_str::<Value>(WEBHOOK_YAML)
+            .ok()?
+            .pointer("/webhooks/0/namespaceSelector")?
+            .clone(),
+    };
+    let by_name = selector
+        .pointer(&format!(
+            "/matchLabels/{}",
+            NAMESPACE_NAME.replace('/', "~1")
+        ))
+        .and_then(Value::as_str)
+        .into_iter()
+        .chain(
+            selector
+                .get("matchExpressions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|e| {
+                    e.get("key").and_then(Value::as_str) == Some(NAMESPACE_NAME)
+                        && e.get("operator").and_then(Value::as_str) == Some("In")
+                })
+                .filter_map(|e| e.get("values").and_then(Value::as_array))
+                .flatten()
+                .filter_map(Value::as_str),
+        );
+    by_name.into_iter().any(|n| n == namespace).then(|| {
+        format!(
+            "--namespace {namespace} is a namespace whose outposts the registration selects: the \
+             apiserver will call Service {name} in {namespace}. --namespace is where the \
+             webhook's own Service runs (outpost-webhook unless you moved it)"
+        )
+    })
+}
+
+/// The label the apiserver sets on every namespace, to its name.
+const NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
 
 /// The registration as `deploy/base` ships it.
 pub const WEBHOOK_YAML: &str = include_str!("../../deploy/base/webhook.yaml");
@@ -292,6 +345,42 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_service_namespace_the_selector_picks_for_outposts_is_a_warning() {
+        let options = |namespace: &str, selector: Option<&str>| Options {
+            ca_bundle: None,
+            target: Target::Service {
+                name: "outpost-webhook".into(),
+                namespace: namespace.into(),
+            },
+            namespace_selector: selector.map(str::to_owned),
+            failure_policy: None,
+        };
+        // The shipped selector picks authentik.
+        let warning = misplaced_service(&options("authentik", None)).unwrap();
+        assert!(warning.contains("--namespace authentik"), "{warning}");
+        assert!(
+            misplaced_service(&options(
+                "identity",
+                Some("team=x,kubernetes.io/metadata.name=identity")
+            ))
+            .is_some()
+        );
+        assert_eq!(misplaced_service(&options("outpost-webhook", None)), None);
+        assert_eq!(
+            misplaced_service(&options(
+                "authentik",
+                Some("kubernetes.io/metadata.name=identity")
+            )),
+            None
+        );
+        let url = Options {
+            target: Target::Url("https://127.0.0.1:8443/mutate".into()),
+            ..options("authentik", None)
+        };
+        assert_eq!(misplaced_service(&url), None);
     }
 
     #[test]
