@@ -187,7 +187,7 @@ fn query(request: &Request<Body>) -> BTreeMap<String, String> {
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k.to_owned(), common::kube_fake::decode(v))
+            (k.to_owned(), common::query::decode(v))
         })
         .collect()
 }

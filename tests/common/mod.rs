@@ -12,13 +12,13 @@
 pub mod client;
 pub mod control_plane;
 pub mod fixtures;
-pub mod kube_fake;
 pub mod load;
 pub mod manifests;
 pub mod pki;
 pub mod pod;
 pub mod process;
 pub mod proxy;
+pub mod query;
 pub mod server;
 pub mod tools;
 
