@@ -3,7 +3,10 @@
 use std::fmt;
 
 use tracing::{Level, Subscriber};
-use tracing_subscriber::fmt::{MakeWriter, format::FmtSpan};
+use tracing_subscriber::{
+    filter::Targets,
+    fmt::{MakeWriter, format::FmtSpan},
+};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -29,20 +32,28 @@ pub fn subscriber<W>(
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
+    use tracing_subscriber::layer::SubscriberExt as _;
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(writer)
         .with_span_events(FmtSpan::NONE)
         .with_target(false);
+    // kube-runtime's watcher logs each failed list or watch as a raw `Api(Status {...})` dump,
+    // once a second while the apiserver refuses it; the cache logs the same failure once, with
+    // the verb and resource RBAC must allow. Its errors still show.
+    let quiet = Targets::new()
+        .with_default(level)
+        .with_target("kube_runtime", Level::ERROR);
     match format {
-        LogFormat::Plain => Box::new(builder.with_ansi(false).finish()),
+        LogFormat::Plain => Box::new(builder.with_ansi(false).finish().with(quiet)),
         LogFormat::Json => Box::new(
             builder
                 .json()
                 .flatten_event(true)
                 .with_current_span(true)
                 .with_span_list(false)
-                .finish(),
+                .finish()
+                .with(quiet),
         ),
     }
 }

@@ -144,7 +144,10 @@ fn policy_check_accepts_the_example_and_names_file_line_and_field_of_a_bad_one()
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
-        "deploy/policy.example.yaml: ok, 2 rule(s)\n"
+        "deploy/policy.example.yaml: ok, 2 rule(s)\n\
+         reads Secret(s) goauthentik: the webhook's Role must allow get, list and watch on each, \
+         by name, in every watched namespace (deploy/watch/rbac.yaml; the chart derives it from its \
+         policy value)\n"
     );
 
     let dir = std::env::temp_dir().join(format!("ow-cli-{}", std::process::id()));
@@ -207,9 +210,28 @@ fn policy_import_of_the_operators_patches_does_what_they_did() {
         } else {
             outpost_webhook::core::mutate::ObjectKind::Deployment
         };
-        let outcome = outpost_webhook::core::mutate::mutate_object(&policy, object_kind, &object);
+        // The operator patched the selector because a standalone Deployment runs the outpost:
+        // with it in view, `selector: auto` rewrites the selector as they did.
+        let deployment: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures.join("embedded-proxy-deployment.create.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        let view = outpost_webhook::core::cluster::Snapshot::of([&deployment], "authentik");
+        let outcome = outpost_webhook::core::mutate::mutate_in(
+            &policy,
+            &view,
+            "authentik",
+            object_kind,
+            &object,
+        );
         let mut by_webhook = object.clone();
         json_patch::patch(&mut by_webhook, &outcome.ops).unwrap();
+        if kind == "service" {
+            // The one addition: the selector it replaced, to restore.
+            let annotations = by_webhook["metadata"].as_object_mut().unwrap();
+            assert!(annotations.remove("annotations").is_some());
+        }
         if kind == "deployment" {
             // The one addition: the config checksum.
             let annotations = by_webhook["spec"]["template"]["metadata"]
@@ -281,4 +303,60 @@ fn webhook_config_warns_when_the_service_namespace_is_the_outposts() {
             args[2]
         );
     }
+}
+
+#[test]
+fn mutate_takes_several_json_files_as_one_cluster_and_names_a_bad_one() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let dir = std::env::temp_dir().join(format!("ow-cli-many-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = Vec::new();
+    for name in [
+        "embedded-proxy-service.create.json",
+        "embedded-proxy-deployment.create.json",
+    ] {
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures.join(name)).unwrap()).unwrap();
+        let object = if v["kind"] == "AdmissionReview" {
+            v["request"]["object"].clone()
+        } else {
+            v
+        };
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::to_vec_pretty(&object).unwrap()).unwrap();
+        files.push(path.display().to_string());
+    }
+    let out = run(
+        &["mutate", "-f", &files[0], "-f", &files[1], "-o", "json"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: Value = serde_json::from_str(&text(&out.stdout)).unwrap();
+    let service = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["kind"] == "Service")
+        .unwrap();
+    // The Deployment in the other file runs the outpost: the Service selects its pods.
+    assert_eq!(
+        service["spec"]["selector"]["app.kubernetes.io/name"],
+        "authentik-outpost-proxy"
+    );
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, "{\"a\":").unwrap();
+    let out = run(
+        &["mutate", "-f", &files[0], "-f", bad.to_str().unwrap()],
+        b"",
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).starts_with(&format!(
+            "error: {}: input is not valid JSON",
+            bad.display()
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

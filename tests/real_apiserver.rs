@@ -1247,6 +1247,13 @@ async fn a_mistyped_secret_or_a_removed_key_is_a_warning_not_an_outage() {
     );
     let log = served.lines_so_far().join("\n");
     assert!(!log.contains("pw"), "no Secret value is logged");
+    // The refusal was logged once, in words, not as kube-runtime's raw dump every second.
+    assert!(!log.contains("Api(Status"), "{log}");
+    let refusals = log
+        .lines()
+        .filter(|l| l.contains("The apiserver refused a watch"))
+        .count();
+    assert_eq!(refusals, 1, "{log}");
 }
 
 // ---------------------------------------------------------------------------------------------

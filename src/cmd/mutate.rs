@@ -42,17 +42,25 @@ pub struct MutateArgs {
 /// When the policy or input cannot be read, or the input is not an object it can fix.
 pub fn execute(args: &MutateArgs) -> Result<(), Error> {
     let policy = load_policy(args.policy.as_deref())?;
-    let input = if args.files.len() > 1 {
-        let mut joined = Vec::new();
+    let result = if args.files.len() > 1 {
+        // Each file parsed on its own (JSON files cannot be joined into one stream), an error
+        // naming its file; together they are the cluster.
+        let mut docs = Vec::new();
+        let mut yaml = false;
         for file in &args.files {
-            joined.extend(read_input(Some(file))?);
-            joined.extend_from_slice(b"\n---\n");
+            let input = read_input(Some(file))?;
+            let (parsed, was_yaml) = parse(&input).map_err(|e| OfflineError::File {
+                file: file.display().to_string(),
+                message: e.to_string(),
+            })?;
+            docs.extend(parsed);
+            yaml |= was_yaml;
         }
-        joined
+        run_docs(&policy, docs, yaml, args.output)?
     } else {
-        read_input(args.files.first().map(PathBuf::as_path))?
+        let input = read_input(args.files.first().map(PathBuf::as_path))?;
+        run(&policy, &input, args.output)?
     };
-    let result = run(&policy, &input, args.output)?;
     let many = result.decided.len() > 1;
     for d in &result.decided {
         for w in &d.outcome.warnings {
@@ -106,6 +114,8 @@ pub enum OfflineError {
     Empty,
     #[error("input is not valid JSON: {0}")]
     Json(String),
+    #[error("{file}: {message}")]
+    File { file: String, message: String },
     #[error("input is not valid YAML: {0}")]
     Yaml(String),
     #[error(
@@ -147,6 +157,12 @@ pub struct Mutated {
 /// # Errors
 /// When the input is empty, does not parse, or holds no object the webhook fixes.
 pub fn run(policy: &Policy, input: &[u8], output: Output) -> Result<Mutated, OfflineError> {
+    let (docs, yaml) = parse(input)?;
+    run_docs(policy, docs, yaml, output)
+}
+
+/// The documents of one input, and whether it was YAML (else JSON).
+fn parse(input: &[u8]) -> Result<(Vec<Value>, bool), OfflineError> {
     let first = input.iter().find(|b| !b.is_ascii_whitespace());
     let yaml = match first {
         None => return Err(OfflineError::Empty),
@@ -161,7 +177,20 @@ pub fn run(policy: &Policy, input: &[u8], output: Output) -> Result<Mutated, Off
     } else {
         vec![serde_json::from_slice(input).map_err(|e| OfflineError::Json(e.to_string()))?]
     };
+    Ok((docs, yaml))
+}
+
+/// As [`run`], on parsed documents.
+fn run_docs(
+    policy: &Policy,
+    docs: Vec<Value>,
+    yaml: bool,
+    output: Output,
+) -> Result<Mutated, OfflineError> {
     let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
+    if docs.is_empty() {
+        return Err(OfflineError::Empty);
+    }
     if let [doc] = docs.as_slice() {
         if doc.get("kind").and_then(Value::as_str) == Some(admission::KIND) {
             return run_review(policy, doc, output, yaml);

@@ -5,8 +5,10 @@
 //!
 //! Each operation is read for what it means, not replayed: `add .../env/-` becomes an env entry
 //! upserted by name (so it is never duplicated), a `replace /spec/selector` that hard-codes one
-//! outpost's UUID becomes `selector: outpost` (derived per outpost), and a container index
-//! becomes "the outpost container".
+//! outpost's UUID becomes `selector: auto` (the outpost's pod labels, derived per outpost, wherever
+//! a standalone Deployment runs the outpost, with the old selector recorded so that it is restored
+//! when that Deployment goes; `outpost` would rewrite every outpost's selector, breaking a default
+//! install, and record nothing), and a container index becomes "the outpost container".
 
 use json_patch::jsonptr::Pointer;
 use serde_json::{Map, Value, json};
@@ -113,10 +115,10 @@ impl Builder {
                         .and_then(Value::as_str)
                     {
                         self.notes.push(format!(
-                            "The selector hard-coded outpost UUID {uuid}; `selector: outpost` derives it from each Service's labels."
+                            "The selector hard-coded outpost UUID {uuid}; `selector: auto` derives it from each Service's labels where a standalone Deployment runs the outpost."
                         ));
                     }
-                    self.service.insert("selector".into(), "outpost".into());
+                    self.service.insert("selector".into(), "auto".into());
                     Ok(())
                 } else {
                     Err("a selector other than the outpost's own pod labels".into())

@@ -48,6 +48,17 @@ pub fn execute(command: &PolicyCommand) -> Result<(), Error> {
         PolicyCommand::Check { file } => {
             let policy = load_policy(Some(file))?;
             println!("{}: ok, {} rule(s)", policy.source(), policy.rule_count());
+            // A Secret the webhook cannot read is no outage, but a warning on every outpost
+            // write that needs it: say which ones RBAC must allow before it is deployed.
+            let secrets = policy.secret_names();
+            if !secrets.is_empty() {
+                println!(
+                    "reads Secret(s) {}: the webhook's Role must allow get, list and watch on \
+                     each, by name, in every watched namespace (deploy/watch/rbac.yaml; the chart derives it \
+                     from its policy value)",
+                    secrets.into_iter().collect::<Vec<_>>().join(", ")
+                );
+            }
         }
         PolicyCommand::Default => print!("{DEFAULT_POLICY_YAML}"),
         PolicyCommand::Import {
