@@ -285,11 +285,30 @@ async fn api(State(fake): State<Arc<Fake>>, request: Request) -> Response {
         (&Method::GET, p) if p == format!("/api/v1{ns}secrets") => {
             page("SecretList", "v1", std::slice::from_ref(&f.secret))
         }
+        (&Method::GET, p)
+            if p.starts_with(&format!("/apis/apps/v1{ns}deployments/"))
+                || p.starts_with(&format!("/api/v1{ns}services/")) =>
+        {
+            // The reconciler reads an object before it patches it.
+            let name = p.rsplit('/').next().unwrap_or_default();
+            let all = if p.contains("/deployments/") {
+                &f.deployments
+            } else {
+                &f.services
+            };
+            match all.iter().find(|o| o["metadata"]["name"] == name) {
+                Some(o) => respond(StatusCode::OK, Body::from(o.to_string())),
+                None => not_found(),
+            }
+        }
         (&Method::PATCH, p) if p.contains(ns) => {
             // A reconcile write: counted by the server's metrics; nothing is stored.
             let name = p.rsplit('/').next().unwrap_or_default();
             let object = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}});
             respond(StatusCode::OK, Body::from(object.to_string()))
+        }
+        (&Method::POST, p) if p.starts_with("/apis/events.k8s.io/") => {
+            respond(StatusCode::CREATED, Body::from(body.to_vec()))
         }
         (method, p) if p.starts_with("/apis/coordination.k8s.io/v1/namespaces/") => {
             lease(&fake.lease, method, &body)
@@ -298,33 +317,20 @@ async fn api(State(fake): State<Arc<Fake>>, request: Request) -> Response {
     }
 }
 
-/// A Lease store that is enough for kube-lease-manager: get, create, and patches that set or
-/// clear `spec` fields.
+/// A Lease store that is enough for the webhook's Lease: get, create, and updates that carry
+/// the resourceVersion read.
 fn lease(store: &Mutex<Option<Value>>, method: &Method, body: &[u8]) -> Response {
     let mut lease = store.lock().unwrap();
     match *method {
         Method::GET => {}
-        Method::POST => {
-            let mut created: Value = serde_json::from_slice(body).unwrap();
-            created["metadata"]["resourceVersion"] = json!("1");
-            *lease = Some(created);
-        }
-        Method::PATCH => {
-            let patch: Value = serde_json::from_slice(body).unwrap();
-            let Some(stored) = lease.as_mut() else {
-                return not_found();
-            };
-            if !stored["spec"].is_object() {
-                stored["spec"] = json!({});
-            }
-            for (key, value) in patch["spec"].as_object().into_iter().flatten() {
-                let spec = stored["spec"].as_object_mut().unwrap();
-                if value.is_null() {
-                    spec.remove(key);
-                } else {
-                    spec.insert(key.clone(), value.clone());
-                }
-            }
+        Method::POST | Method::PUT => {
+            let mut written: Value = serde_json::from_slice(body).unwrap();
+            let version = lease
+                .as_ref()
+                .and_then(|l| l["metadata"]["resourceVersion"].as_str()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            written["metadata"]["resourceVersion"] = json!((version + 1).to_string());
+            *lease = Some(written);
         }
         _ => return not_found(),
     }

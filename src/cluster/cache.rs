@@ -792,6 +792,8 @@ mod tests {
 
     #[tokio::test]
     async fn secrets_follow_the_policy_and_readiness_waits_only_for_those_followed() {
+        // A client nobody answers: this is the bookkeeping before any list returns, which a real
+        // apiserver answers too fast to observe.
         let (mock, _apiserver) = tower_test::mock::pair::<
             http::Request<kube::client::Body>,
             http::Response<kube::client::Body>,
