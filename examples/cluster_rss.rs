@@ -327,7 +327,12 @@ fn lease(store: &Mutex<Option<Value>>, method: &Method, body: &[u8]) -> Response
             let mut written: Value = serde_json::from_slice(body).unwrap();
             let version = lease
                 .as_ref()
-                .and_then(|l| l["metadata"]["resourceVersion"].as_str()?.parse::<u64>().ok())
+                .and_then(|l| {
+                    l["metadata"]["resourceVersion"]
+                        .as_str()?
+                        .parse::<u64>()
+                        .ok()
+                })
                 .unwrap_or(0);
             written["metadata"]["resourceVersion"] = json!((version + 1).to_string());
             *lease = Some(written);

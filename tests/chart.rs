@@ -479,8 +479,8 @@ fn each_watched_namespace_gets_its_role_binding_flag_and_place_in_the_namespace_
         assert_eq!(role_grants_in(&docs, ns), watch_grants(&secrets), "{ns}");
     }
     assert_bindings_name_only_the_service_account(&docs);
-    // The Lease, in the release namespace: what kube-lease-manager calls (the TLS Secret's Role
-    // is beside it in tls.mode self; the self-mode test checks it).
+    // The Lease, in the release namespace: get and update on the one name, and create (the TLS
+    // Secret's Role is beside it in tls.mode self; the self-mode test checks it).
     let lease = in_namespace(&docs, "Role", NAMESPACE)
         .into_iter()
         .find(|r| r["metadata"]["name"] == format!("{RELEASE}-lease"))

@@ -480,8 +480,8 @@ fn the_rbac_is_namespaced_and_exactly_what_the_cluster_view_uses() {
         }
 
         // The Lease, in the namespace the pods run in (--lease-namespace from POD_NAMESPACE):
-        // what kube-lease-manager calls, get and patch on the one name, and create, which RBAC
-        // cannot limit by name.
+        // get and update on the one name (src/cluster/lease.rs), and create, which RBAC cannot
+        // limit by name.
         let own = one(&docs, "Deployment")["metadata"]["namespace"]
             .as_str()
             .unwrap();

@@ -198,7 +198,7 @@ pub fn lease_grants() -> BTreeSet<Grant> {
         "coordination.k8s.io",
         "leases",
         Some(LEASE_NAME),
-        &["get", "patch"],
+        &["get", "update"],
     );
     lease.extend(grant("coordination.k8s.io", "leases", None, &["create"]));
     lease
