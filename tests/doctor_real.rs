@@ -38,11 +38,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use base64::Engine as _;
 use common::{
     BIN, Served,
+    cluster::{b64, fixture, kustomize, replica, wait_for},
     control_plane::{ControlPlane, shared},
-    health_get, serve_with, temp_dir,
+    health_get, spawn_served, temp_dir,
 };
 use http::Request;
 use k8s_openapi::api::{
@@ -72,43 +72,11 @@ const WEBHOOK: &str = "outpost-webhook";
 const CONFIG_CHECKSUM: &str = "outpost-webhook/config-checksum";
 /// A change reaching the apiserver's informers (a registration, RBAC) or the webhook.
 const BOUND: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(100);
 /// `doctor` itself: a few dozen requests.
 const DOCTOR_BOUND: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
 // Objects
-
-fn b64(s: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-/// An object of the shared fixtures (`tests/fixtures`) in `namespace`, with what the apiserver
-/// sets on a stored object removed so that it can be created.
-fn fixture(name: &str, namespace: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let mut object = if v["kind"] == "AdmissionReview" {
-        v["request"]["object"].clone()
-    } else {
-        v
-    };
-    let meta = object["metadata"].as_object_mut().unwrap();
-    for k in [
-        "resourceVersion",
-        "uid",
-        "creationTimestamp",
-        "managedFields",
-        "generation",
-    ] {
-        meta.remove(k);
-    }
-    meta.insert("namespace".into(), json!(namespace));
-    object.as_object_mut().unwrap().remove("status");
-    object
-}
 
 fn typed<K: serde::de::DeserializeOwned>(v: Value) -> K {
     serde_json::from_value(v).unwrap()
@@ -118,23 +86,7 @@ fn typed<K: serde::de::DeserializeOwned>(v: Value) -> K {
 /// (`kubectl kustomize`, once per test binary).
 fn rendered() -> &'static [Value] {
     static DOCS: OnceLock<Vec<Value>> = OnceLock::new();
-    DOCS.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/plain");
-        let out = Command::new("kubectl")
-            .arg("kustomize")
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_saphyr::from_str_multiple::<Value, Vec<Value>>(
-            &String::from_utf8(out.stdout).unwrap(),
-        )
-        .unwrap()
-    })
+    DOCS.get_or_init(|| kustomize("plain").1)
 }
 
 fn rendered_doc(kind: &str) -> Value {
@@ -236,24 +188,6 @@ fn dynamic(client: &Client, namespace: &str, api_version: &str, kind: &str) -> A
         Api::all_with(client.clone(), &resource)
     } else {
         Api::namespaced_with(client.clone(), namespace, &resource)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Waiting
-
-async fn wait_for<T, F: Future<Output = Option<T>>>(
-    limit: Duration,
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(t) = check().await {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -800,28 +734,18 @@ async fn hold_lease(client: &Client, namespace: &str) {
 /// `serve --cluster on` watching `namespace`, with the admin's kubeconfig and the policy file
 /// its ConfigMap holds, as the kubelet would mount it; once ready.
 async fn serve(cp: &ControlPlane, certs: &TempDir, namespace: &str, policy: &Path) -> Served {
-    let mut command = Command::new(BIN);
-    command
-        .env("KUBECONFIG", &cp.kubeconfig)
-        .env("POD_NAME", format!("{namespace}-replica"))
-        .env_remove("POD_NAMESPACE")
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    let served = serve_with(
-        command,
+    let served = spawn_served(replica(
+        &cp.kubeconfig,
         certs,
+        namespace,
+        &format!("{namespace}-replica"),
         &[
-            "--cluster",
-            "on",
-            "--watch-namespace",
-            namespace,
-            "--lease-namespace",
-            namespace,
             "--policy",
             policy.to_str().unwrap(),
             "--reload-interval",
             "200ms",
         ],
-    );
+    ));
     wait_for(BOUND, "/readyz answers 200", || async {
         (health_get(served.health, "/readyz").await.0 == 200).then_some(())
     })

@@ -19,19 +19,22 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use base64::Engine as _;
 use common::{
     BIN, Served, certs_into,
+    cluster::{
+        POLL, User, b64, client_from, fixture, kubeconfig, kustomize, replica, token_client,
+        wait_for,
+    },
     control_plane::{ControlPlane, shared},
     health_get,
     pod::{Pod, PodSpec, container_args, volume_mounts},
     proxy::ServiceProxy,
-    serve_with, spawn_served, start_served, temp_dir,
+    spawn_served, start_served, temp_dir,
 };
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
@@ -54,37 +57,9 @@ const ORIGINAL_SELECTOR: &str = "outpost-webhook/original-selector";
 const BOUND: Duration = Duration::from_secs(10);
 /// A Lease taken over after its holder died: the Lease duration (15 s) and a margin.
 const TAKEOVER: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(100);
 
 // ---------------------------------------------------------------------------------------------
 // Objects
-
-/// An object of the shared fixtures (`tests/fixtures`), moved into `namespace`, with what the
-/// apiserver sets on a stored object removed so that it can be created.
-fn fixture(name: &str, namespace: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let mut object = if v["kind"] == "AdmissionReview" {
-        v["request"]["object"].clone()
-    } else {
-        v
-    };
-    let meta = object["metadata"].as_object_mut().unwrap();
-    for k in [
-        "resourceVersion",
-        "uid",
-        "creationTimestamp",
-        "managedFields",
-        "generation",
-    ] {
-        meta.remove(k);
-    }
-    meta.insert("namespace".into(), json!(namespace));
-    object.as_object_mut().unwrap().remove("status");
-    object
-}
 
 fn embedded_service(namespace: &str) -> Service {
     serde_json::from_value(fixture("embedded-proxy-service.create.json", namespace)).unwrap()
@@ -92,10 +67,6 @@ fn embedded_service(namespace: &str) -> Service {
 
 fn embedded_deployment(namespace: &str) -> Deployment {
     serde_json::from_value(fixture("embedded-proxy-deployment.create.json", namespace)).unwrap()
-}
-
-fn b64(s: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
 }
 
 /// Secret `goauthentik` with the five keys the built-in policy reads, and one it does not.
@@ -187,22 +158,6 @@ fn generation(d: &Deployment) -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Waiting
 
-/// Polls `check` until it returns `Some`, at most `limit`; panics naming `what`.
-async fn wait_for<T, F: Future<Output = Option<T>>>(
-    limit: Duration,
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(t) = check().await {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The webhook
 
@@ -256,24 +211,13 @@ async fn register(cp: &ControlPlane, name: &str, namespace: &str, url: &str, ca:
 /// `serve --cluster on` with the admin's kubeconfig, watching `namespace` and holding its Lease
 /// there, serving the certificate in `certs`.
 fn serve_on(cp: &ControlPlane, certs: &TempDir, namespace: &str) -> Served {
-    let mut command = Command::new(BIN);
-    command
-        .env("KUBECONFIG", &cp.kubeconfig)
-        .env("POD_NAME", format!("{namespace}-replica"))
-        .env_remove("POD_NAMESPACE")
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    serve_with(
-        command,
+    spawn_served(replica(
+        &cp.kubeconfig,
         certs,
-        &[
-            "--cluster",
-            "on",
-            "--watch-namespace",
-            namespace,
-            "--lease-namespace",
-            namespace,
-        ],
-    )
+        namespace,
+        &format!("{namespace}-replica"),
+        &[],
+    ))
 }
 
 async fn ready(served: &Served) {
@@ -460,26 +404,6 @@ async fn the_apiserver_applies_the_webhooks_patches_and_the_controllers_patch_co
 
 // ---------------------------------------------------------------------------------------------
 // deploy/plain, as deployed
-
-/// `kubectl kustomize` of an overlay under deploy/: its text and its documents.
-fn kustomize(overlay: &str) -> (String, Vec<Value>) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("deploy")
-        .join(overlay);
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let docs = serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&text).unwrap();
-    (text, docs)
-}
 
 /// `kubectl apply -f -` of `text` as the admin; its output.
 fn kubectl_apply(cp: &ControlPlane, text: &str) -> String {
@@ -823,76 +747,6 @@ async fn deploy_plain_runs_two_replicas_under_its_own_rbac() {
         matches!(&refused, kube::Error::Api(s) if s.code == 403),
         "{refused}"
     );
-}
-
-/// Who a kubeconfig authenticates as.
-enum User<'a> {
-    Admin,
-    Token(&'a str),
-}
-
-/// A kubeconfig for `server` (the apiserver's URL, or a proxy's in front of it) as `user`.
-fn kubeconfig(cp: &ControlPlane, server: &str, user: &User<'_>) -> (TempDir, PathBuf) {
-    let dir = temp_dir("kubeconfig");
-    let path: PathBuf = dir.path().join("kubeconfig");
-    let d = cp.dir.display();
-    let user = match user {
-        User::Admin => {
-            format!("{{client-certificate: '{d}/admin.crt', client-key: '{d}/admin.key'}}")
-        }
-        User::Token(t) => format!("{{token: '{t}'}}"),
-    };
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: t\n\
-             clusters: [{{name: t, cluster: {{server: '{server}', certificate-authority: '{d}/ca.crt'}}}}]\n\
-             users: [{{name: t, user: {user}}}]\n\
-             contexts: [{{name: t, context: {{cluster: t, user: t}}}}]\n"
-        ),
-    )
-    .unwrap();
-    (dir, path)
-}
-
-/// A client authenticating with a bearer `token`, as a pod does.
-async fn token_client(cp: &ControlPlane, token: &str) -> Client {
-    let (_dir, path) = kubeconfig(cp, &cp.url, &User::Token(token));
-    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
-    Client::try_from(config).unwrap()
-}
-
-/// The command for `serve --cluster on` as replica `name`, with `kubeconfig`, watching
-/// `namespace` and holding its Lease there, serving the certificate in `certs`, plus `extra`.
-fn replica(
-    kubeconfig: &Path,
-    certs: &TempDir,
-    namespace: &str,
-    name: &str,
-    extra: &[&str],
-) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .env("KUBECONFIG", kubeconfig)
-        .env("POD_NAME", name)
-        .env_remove("POD_NAMESPACE")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .args(common::SERVE_ON_LOOPBACK)
-        .args(["--log-format", "json", "--drain-seconds", "1"])
-        .arg("--tls-cert")
-        .arg(certs.path().join("tls.crt"))
-        .arg("--tls-key")
-        .arg(certs.path().join("tls.key"))
-        .args(["--cluster", "on", "--watch-namespace", namespace])
-        .args(["--lease-namespace", namespace])
-        .args(extra);
-    command
 }
 
 /// Which of `replicas` say they hold the Lease, sampled once.
@@ -1357,16 +1211,7 @@ async fn watches_survive_an_apiserver_restart_and_a_compaction_that_answers_410_
     let (other, mut other_process) = cp.second_apiserver(&[]);
     cp.stop_apiserver();
     let (_dir, other_config) = kubeconfig(&cp, &other, &User::Admin);
-    let kubeconfig = kube::config::Kubeconfig::read_from(&other_config).unwrap();
-    let other_client = Client::try_from(
-        kube::Config::from_custom_kubeconfig(
-            kubeconfig,
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await
-        .unwrap(),
-    )
-    .unwrap();
+    let other_client = client_from(&other_config).await;
     Api::<Deployment>::namespaced(other_client.clone(), ns)
         .delete(OUTPOST, &DeleteParams::default())
         .await

@@ -82,14 +82,7 @@ impl Ca {
     /// # Errors
     /// When `days` is out of range or the key cannot be generated.
     pub fn new(name: &str, days: u32) -> Result<Self, PkiError> {
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca.distinguished_name.push(DnType::CommonName, name);
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let mut ca = ca_params(name)?;
         set_validity(&mut ca, days)?;
         Self::self_signed(ca)
     }
@@ -100,14 +93,7 @@ impl Ca {
     /// # Errors
     /// When the key cannot be generated.
     pub fn new_valid(name: &str, validity: Validity) -> Result<Self, PkiError> {
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca.distinguished_name.push(DnType::CommonName, name);
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let mut ca = ca_params(name)?;
         ca.not_before = validity.not_before;
         ca.not_after = validity.not_after;
         Self::self_signed(ca)
@@ -253,6 +239,19 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// A CA certificate's parameters, validity aside: it signs leaves only (path length 0).
+fn ca_params(name: &str) -> Result<CertificateParams, PkiError> {
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.distinguished_name.push(DnType::CommonName, name);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(ca)
 }
 
 /// Generates a CA and a serving certificate for `sans` (DNS names or IP addresses), both valid

@@ -10,6 +10,7 @@
 )]
 
 pub mod client;
+pub mod cluster;
 pub mod control_plane;
 pub mod fixtures;
 pub mod load;
