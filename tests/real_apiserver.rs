@@ -405,6 +405,32 @@ async fn the_apiserver_applies_the_webhooks_patches_and_the_controllers_patch_co
 // ---------------------------------------------------------------------------------------------
 // deploy/plain, as deployed
 
+/// `kubectl apply --dry-run=server -o json` of `object`: the object as admission left it.
+fn kubectl_apply_dry_run(cp: &ControlPlane, object: &Value) -> Value {
+    use std::io::Write as _;
+    let mut child = cp
+        .kubectl()
+        .args(["apply", "--dry-run=server", "-o", "json", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(object.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply --dry-run=server: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// `kubectl apply -f -` of `text` as the admin; its output.
 fn kubectl_apply(cp: &ControlPlane, text: &str) -> String {
     use std::io::Write as _;
@@ -1450,20 +1476,14 @@ async fn the_chart_installs_with_self_managed_tls_and_its_webhook_answers_the_ap
         .create(&PostParams::default(), &embedded_deployment(WATCHED))
         .await
         .unwrap();
+    // `kubectl apply --dry-run=server`, as README's Verify says.
     wait_for(
         BOUND,
-        "a dry run of the outpost's Service selects its pods",
+        "kubectl apply --dry-run=server of the outpost's Service selects its pods",
         || async {
-            let s = Api::<Service>::namespaced(client.clone(), WATCHED)
-                .create(
-                    &PostParams {
-                        dry_run: true,
-                        ..PostParams::default()
-                    },
-                    &embedded_service(WATCHED),
-                )
-                .await
-                .ok()?;
+            let service = fixture("embedded-proxy-service.create.json", WATCHED);
+            let applied = kubectl_apply_dry_run(cp, &service);
+            let s: Service = serde_json::from_value(applied).ok()?;
             (selector(&s) == outpost_pods()).then_some(())
         },
     )

@@ -114,7 +114,7 @@ pub fn hold(
                 }
                 () = stopped(&mut stop) => {
                     if tx.send_replace(None).is_some() && let Some(lease) = last {
-                        release(&api, lease).await;
+                        release(&api, &identity, lease).await;
                     }
                     return;
                 }
@@ -147,7 +147,7 @@ async fn attempt(
         Duration::ZERO
     };
     let params = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
+        field_manager: Some(field_manager(identity)),
         ..PostParams::default()
     };
     let now = Timestamp::now();
@@ -201,6 +201,17 @@ async fn attempt(
     }
 }
 
+/// The field manager of this replica's Lease writes: one per identity, so `managedFields` names
+/// the replica that last wrote it. (Exclusivity does not rest on it: every write carries the
+/// resourceVersion read.) The apiserver allows 128 characters.
+fn field_manager(identity: &str) -> String {
+    let mut manager = format!("{FIELD_MANAGER}/{identity}");
+    if let Some((cut, _)) = manager.char_indices().nth(128) {
+        manager.truncate(cut);
+    }
+    manager
+}
+
 fn record(lease: &Lease) -> Record {
     let spec = lease.spec.as_ref();
     Record {
@@ -223,13 +234,13 @@ fn spec(identity: &str, acquired: Timestamp, renewed: Timestamp, transitions: i3
 
 /// Gives the Lease up, so another replica takes it at its next try rather than after the lease
 /// duration. A failure only means the Lease expires instead.
-async fn release(api: &Api<Lease>, mut lease: Lease) {
+async fn release(api: &Api<Lease>, identity: &str, mut lease: Lease) {
     if let Some(spec) = lease.spec.as_mut() {
         spec.holder_identity = None;
         spec.renew_time = Some(MicroTime(Timestamp::now()));
     }
     let params = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
+        field_manager: Some(field_manager(identity)),
         ..PostParams::default()
     };
     match api.replace(LEASE_NAME, &params, &lease).await {
