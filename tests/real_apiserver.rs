@@ -764,6 +764,30 @@ async fn deploy_plain_runs_two_replicas_under_its_own_rbac() {
         );
     }
 
+    // doctor shows the latest Event on each outpost object.
+    let out = Command::new(BIN)
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .args(["doctor", "-n", "authentik", "-o", "json"])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let latest: Vec<&Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["check"] == "object.event")
+        .collect();
+    assert!(
+        latest.iter().any(|f| f["object"]
+            == format!("Deployment/authentik/{OUTPOST}")
+            && f["message"]
+                .as_str()
+                .unwrap()
+                .contains("SecretChanged: Pods rolled: Secret goauthentik key(s) AUTHENTIK_POSTGRESQL__PASSWORD changed")),
+        "{latest:?}"
+    );
+
     // The ServiceAccount reads the Secret the policy names, and no other.
     let as_webhook = token_client(cp, &installed.token).await;
     let its_secrets = Api::<Secret>::namespaced(as_webhook, "authentik");

@@ -76,6 +76,7 @@ pub enum Check {
     DeploymentVersion,
     PodOutpostMode,
     PodSessionBackend,
+    ObjectEvent,
 }
 
 impl Check {
@@ -103,6 +104,7 @@ impl Check {
             Self::DeploymentVersion => "deployment.version",
             Self::PodOutpostMode => "pod.outpost-mode",
             Self::PodSessionBackend => "pod.session-backend",
+            Self::ObjectEvent => "object.event",
         }
     }
 }
@@ -195,6 +197,9 @@ pub struct Inputs {
     pub absent_namespaces: BTreeSet<String>,
     /// With `--logs`: the start of each outpost pod's log, by (namespace, pod).
     pub logs: Option<BTreeMap<(String, String), String>>,
+    /// The `events.k8s.io/v1` Events outpost-webhook left in the namespaces; `None` when they
+    /// could not be read.
+    pub events: Option<Vec<Value>>,
 }
 
 /// Certificates expiring sooner than this are a warning.
@@ -239,13 +244,67 @@ pub fn check(policy: &Policy, inputs: &Inputs) -> Vec<Finding> {
         }
         for s in &services {
             out.extend(service::check(policy, inputs, &view, namespace, s));
+            out.extend(latest_event(inputs, "Service", namespace, s));
         }
         for d in &deployments {
             out.extend(deployment::check(policy, inputs, &view, namespace, d));
+            out.extend(latest_event(inputs, "Deployment", namespace, d));
         }
     }
     out.sort_by(|a, b| a.group.cmp(&b.group));
     out
+}
+
+/// The latest Event outpost-webhook's reconciler left on `object`: what it last did to it and
+/// why. A Warning Event (a roll held back, a write refused) is a warning; none, nothing.
+fn latest_event(inputs: &Inputs, kind: &str, namespace: &str, object: &Value) -> Option<Finding> {
+    let outpost = identify_outpost(object)?;
+    let name = name_of(object);
+    let latest = inputs
+        .events
+        .as_ref()?
+        .iter()
+        .filter(|e| {
+            e.pointer("/regarding/kind").and_then(Value::as_str) == Some(kind)
+                && e.pointer("/regarding/name").and_then(Value::as_str) == Some(name)
+                && namespace_of(e) == namespace
+                && e.get("reportingController").and_then(Value::as_str) == Some("outpost-webhook")
+        })
+        .max_by_key(|e| event_time(e))?;
+    let text = |k: &str| latest.get(k).and_then(Value::as_str).unwrap_or_default();
+    let severity = if text("type") == "Warning" {
+        Severity::Warn
+    } else {
+        Severity::Ok
+    };
+    let count = latest
+        .pointer("/series/count")
+        .and_then(Value::as_i64)
+        .map_or_else(String::new, |n| format!(" (x{n})"));
+    Some(About::new(kind, namespace, object, &outpost).say(
+        Check::ObjectEvent,
+        severity,
+        format!(
+            "latest Event from outpost-webhook, {}{count}: {}: {}",
+            event_time(latest),
+            text("reason"),
+            text("note")
+        ),
+    ))
+}
+
+/// When an Event last happened, as RFC 3339 text (which sorts as time does).
+fn event_time(event: &Value) -> String {
+    [
+        "/series/lastObservedTime",
+        "/eventTime",
+        "/deprecatedLastTimestamp",
+        "/metadata/creationTimestamp",
+    ]
+    .iter()
+    .find_map(|p| event.pointer(p).and_then(Value::as_str))
+    .unwrap_or_default()
+    .to_owned()
 }
 
 /// `doctor`'s exit code for `findings`: 1 when any failed, else 0.
