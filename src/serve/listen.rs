@@ -15,7 +15,7 @@ use hyper_util::{
 };
 use rustls::ServerConfig;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
     task::JoinHandle,
     time::Instant,
@@ -62,6 +62,10 @@ pub const PER_CONNECTION_BYTES: usize = {
     let h1 = H1_MAX_BUF;
     (if h2 > h1 { h2 } else { h1 }) + TLS_BUFFERS
 };
+/// Connections the kernel queues until they are accepted (capped by `net.core.somaxconn`, 4096 by
+/// default). A client that opens a thousand at once must not fill the queue: past it the
+/// kernel drops the next SYN, the apiserver's too, and its connect waits a second to retry.
+const BACKLOG: u32 = 4096;
 /// How often a connection checks whether it is idle or too old.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
 
@@ -114,13 +118,9 @@ pub async fn start_with(
     tls: Arc<ServerConfig>,
     admission: Router,
 ) -> Result<Running, ServeError> {
-    let bind = |addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Bind { addr, source })
-    };
-    let listener = bind(settings.addr).await?;
-    let health = bind(settings.health_addr).await?;
+    let bind = |addr| listen(addr).map_err(|source| ServeError::Bind { addr, source });
+    let listener = bind(settings.addr)?;
+    let health = bind(settings.health_addr)?;
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: settings.addr,
         source,
@@ -147,6 +147,19 @@ pub async fn start_with(
         stop,
         task,
     })
+}
+
+/// A listening socket with a backlog of [`BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As TcpListener::bind does: a restarted server may bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 async fn supervise(
@@ -348,7 +361,10 @@ async fn serve_one(
         return;
     };
     let handshake = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream));
+    // Shed first: a connection shed before its task ran (a burst of them) costs no crypto.
     let tls = tokio::select! {
+        biased;
+        _ = conn.shed() => return,
         done = handshake => match done {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -362,7 +378,6 @@ async fn serve_one(
                 return;
             }
         },
-        _ = conn.shed() => return,
     };
     conn.handshaken();
     let _open = OpenConnection::new(Arc::clone(&app));
