@@ -1,5 +1,7 @@
 //! The hostile load of issue 12, against a running `serve` on loopback, while a normal client
-//! sends one review every 100 ms and times it, and the server's resident memory is sampled.
+//! sends one review every 100 ms and times it, and the server's resident memory is sampled. The
+//! attackers connect from 127.0.0.1, the normal client (the apiserver) from 127.0.0.2: the
+//! server's connection limits are per client address.
 //!
 //! `scripts/hostile-load.sh` builds and starts the server and runs this; by hand:
 //! `hostile_load ADDR HEALTH_ADDR CA_FILE SERVER_PID [SECONDS=40]`. Prints what each attacker
@@ -39,12 +41,15 @@ const REVIEW: &str = include_str!("../tests/golden/embedded-service-create/revie
 /// The Deployment's memory limit (deploy/base/deployment.yaml).
 const DEPLOYMENT_LIMIT: usize = 128 << 20;
 /// The server's `--max-connections` default, which the Deployment keeps.
-const MAX_CONNECTIONS: usize = 128;
+const MAX_CONNECTIONS: usize = outpost_webhook::serve::DEFAULT_MAX_CONNECTIONS;
+/// The normal client's address: another client than the attackers'.
+const NORMAL_CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 /// The hostile bodies of the issue.
 const BIG_BODY: usize = 6 << 20;
 const H2_STREAMS: usize = 256;
-/// Connections of each kind. With the normal client, 105: under `--max-connections`, so every
-/// attacker is served and none is refused at accept.
+/// Connections of each kind: 104 from the attackers' one address, over its
+/// `--max-connections-per-peer` of 64, so its connections that have sent nothing (the idle
+/// prefaces) give way to its newer ones.
 const H2_CONNECTIONS: usize = H2_STREAMS / listen::H2_MAX_STREAMS as usize;
 const IDLE_CONNECTIONS: usize = 48;
 const SLOW_CONNECTIONS: usize = 16;
@@ -146,7 +151,23 @@ async fn connect(
     addr: SocketAddr,
     config: &Arc<ClientConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
+    connect_from(None, addr, config).await
+}
+
+/// As [`connect`], from the loopback address `local` when given.
+async fn connect_from(
+    local: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    config: &Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = match local {
+        Some(local) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(local, 0))?;
+            socket.connect(addr).await?
+        }
+        None => TcpStream::connect(addr).await?,
+    };
     tcp.set_nodelay(true)?;
     TlsConnector::from(Arc::clone(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -319,6 +340,7 @@ async fn slow_bodies(
 /// An HTTP/1 keep-alive client, as the apiserver pools them, that reconnects when the server has
 /// closed its connection.
 struct KeepAlive {
+    local: Option<std::net::IpAddr>,
     addr: SocketAddr,
     config: Arc<ClientConfig>,
     sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
@@ -327,6 +349,7 @@ struct KeepAlive {
 impl KeepAlive {
     fn new(addr: SocketAddr, config: Arc<ClientConfig>) -> Self {
         Self {
+            local: None,
             addr,
             config,
             sender: None,
@@ -342,7 +365,7 @@ impl KeepAlive {
             .as_ref()
             .is_none_or(hyper::client::conn::http1::SendRequest::is_closed)
         {
-            let tls = connect(self.addr, &self.config)
+            let tls = connect_from(self.local, self.addr, &self.config)
                 .await
                 .map_err(|_| "connect failed".to_owned())?;
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -426,6 +449,7 @@ fn normal_reviews(
         let (mut latencies, tally) = (Vec::new(), Tally::default());
         let body = Bytes::from_static(REVIEW.as_bytes());
         let mut client = KeepAlive::new(addr, config);
+        client.local = Some(NORMAL_CLIENT);
         tokio::time::sleep_until(from.into()).await;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         for _ in 0..MAX_ROUNDS {
@@ -601,7 +625,11 @@ fn report(
         .iter()
         .filter(|d| **d >= Duration::from_millis(100))
         .count();
-    let bound = budget::worst_case_rss(budget::DEFAULT_MAX_INFLIGHT_BYTES, MAX_CONNECTIONS);
+    let bound = budget::worst_case_rss(
+        budget::DEFAULT_MAX_INFLIGHT_BYTES,
+        MAX_CONNECTIONS,
+        outpost_webhook::serve::DEFAULT_HEALTH_MAX_CONNECTIONS,
+    );
     let panics = metric(&server.metrics, "outpost_webhook_panics_total");
     let t = &attack.tallies;
     println!(
@@ -646,7 +674,7 @@ fn report(
         mib(server.hwm)
     );
     println!(
-        "  bound budget::worst_case_rss({}, {MAX_CONNECTIONS}) = {}; Deployment limit {}",
+        "  bound budget::worst_case_rss({}, {MAX_CONNECTIONS}, health) = {}; Deployment limit {}",
         mib(budget::DEFAULT_MAX_INFLIGHT_BYTES),
         mib(bound),
         mib(DEPLOYMENT_LIMIT)
@@ -655,6 +683,23 @@ fn report(
         "server after: alive {}, panics_total {panics}, connections_open {}",
         server.alive,
         metric(&server.metrics, "outpost_webhook_connections_open")
+    );
+    let shed: Vec<String> = server
+        .metrics
+        .lines()
+        .filter(|l| l.starts_with("outpost_webhook_connections_shed_total") && !l.ends_with(" 0"))
+        .map(|l| {
+            l.trim_start_matches("outpost_webhook_connections_shed_total")
+                .to_owned()
+        })
+        .collect();
+    println!(
+        "  connections shed: {}",
+        if shed.is_empty() {
+            "none".into()
+        } else {
+            shed.join(", ")
+        }
     );
     let peak = server.hwm.max(server.peak);
     let mut failed = Vec::new();
