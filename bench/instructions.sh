@@ -8,7 +8,7 @@
 #   bench/instructions.sh [N=4000]
 #
 # Needs valgrind, python3 and the binaries of bench/load.sh (PROFILE=release by default;
-# WEBHOOK and FLOOR override them). Only 127.0.0.1 is used.
+# WEBHOOK and FLOOR override them; BODY another review file). Only 127.0.0.1 is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-4000}
@@ -41,7 +41,7 @@ measure() {
   done
   if [ "$requests" -gt 0 ]; then
     "$oha" -n "$requests" -c 16 -m POST -H 'content-type: application/json' \
-      -D tests/fixtures/admissionreview-public-deployment-create.json \
+      -D "${BODY:-tests/fixtures/admissionreview-public-deployment-create.json}" \
       --cacert target/bench/certs/ca.crt --no-tui "https://127.0.0.1:$p/mutate?timeout=30s" >/dev/null
   fi
   kill -INT "$pid"

@@ -8,8 +8,8 @@ run, so the table says how much CPU one review costs and what share of it the fl
 a figure that holds on a shared machine, where req/s moves with the neighbours.
 
 Environment: PROFILE (release; or dist) picks target/PROFILE/; WEBHOOK and FLOOR override the
-binaries (to measure another build with the same runs); CELLS limits the rows, as
-"http1:16,new-conn:16"."""
+binaries (to measure another build with the same runs); BODY posts another review file; CELLS
+limits the rows, as "http1:16,new-conn:16"."""
 
 import json
 import os
@@ -25,7 +25,7 @@ PROFILE = os.environ.get("PROFILE") or "release"
 WEBHOOK = os.environ.get("WEBHOOK") or os.path.join(ROOT, "target", PROFILE, "outpost-webhook")
 FLOOR = os.environ.get("FLOOR") or os.path.join(ROOT, "target", PROFILE, "examples/floor")
 CERTS = os.path.join(ROOT, "target/bench/certs")
-BODY = os.path.join(ROOT, "tests/fixtures/admissionreview-public-deployment-create.json")
+BODY = os.environ.get("BODY") or os.path.join(ROOT, "tests/fixtures/admissionreview-public-deployment-create.json")
 SECONDS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 REPEATS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 MODES = [("http1", []), ("http2", ["--http2"]), ("new-conn", ["--disable-keepalive"])]

@@ -1,7 +1,7 @@
 //! The hostile load of issue 12, against a running `serve` on loopback, while a normal client
 //! sends one review every 100 ms and times it, and the server's resident memory is sampled. The
-//! attackers connect from 127.0.0.1, the normal client (the apiserver) from 127.0.0.2: the
-//! server's connection limits are per client address.
+//! server's connection limits are per client address: the normal client (the apiserver)
+//! connects from 127.0.0.2, each kind of attacker from an address of its own (127.0.0.3 to 6).
 //!
 //! `scripts/hostile-load.sh` builds and starts the server and runs this; by hand:
 //! `hostile_load ADDR HEALTH_ADDR CA_FILE SERVER_PID [SECONDS=40]`. Prints what each attacker
@@ -43,13 +43,21 @@ const DEPLOYMENT_LIMIT: usize = 128 << 20;
 /// The server's `--max-connections` default, which the Deployment keeps.
 const MAX_CONNECTIONS: usize = outpost_webhook::serve::DEFAULT_MAX_CONNECTIONS;
 /// The normal client's address: another client than the attackers'.
-const NORMAL_CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+const NORMAL_CLIENT: std::net::IpAddr = from(2);
+
+/// 127.0.0.`n`. Each kind of attacker connects from its own address (big HTTP/2 streams 3,
+/// idle prefaces 4, slow bodies 5, big HTTP/1 bodies 6), so that every kind gets within the
+/// server's per-peer limits and together they reach the port's: the memory bound is what is
+/// tested.
+const fn from(n: u8) -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, n))
+}
 /// The hostile bodies of the issue.
 const BIG_BODY: usize = 6 << 20;
 const H2_STREAMS: usize = 256;
-/// Connections of each kind: 104 from the attackers' one address, over its
-/// `--max-connections-per-peer` of 64, so its connections that have sent nothing (the idle
-/// prefaces) give way to its newer ones.
+/// Connections of each kind, 104 in all with the normal client's, under `--max-connections`. The
+/// 48 idle prefaces are over `--max-pending-per-peer` (32) of their address, so the oldest of
+/// them gives way to each newer one.
 const H2_CONNECTIONS: usize = H2_STREAMS / listen::H2_MAX_STREAMS as usize;
 const IDLE_CONNECTIONS: usize = 48;
 const SLOW_CONNECTIONS: usize = 16;
@@ -146,15 +154,8 @@ fn client_config(ca_pem: &str, alpn: &[u8]) -> Arc<ClientConfig> {
     Arc::new(config)
 }
 
-/// A TLS connection to the development certificate's name.
-async fn connect(
-    addr: SocketAddr,
-    config: &Arc<ClientConfig>,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    connect_from(None, addr, config).await
-}
-
-/// As [`connect`], from the loopback address `local` when given.
+/// A TLS connection to the development certificate's name, from the loopback address `local`
+/// when given.
 async fn connect_from(
     local: Option<std::net::IpAddr>,
     addr: SocketAddr,
@@ -201,7 +202,7 @@ async fn h2_big_streams(
     until: Instant,
     tally: Arc<Tally>,
 ) {
-    let Ok(tls) = connect(addr, &config).await else {
+    let Ok(tls) = connect_from(Some(from(3)), addr, &config).await else {
         tally.add("connect failed");
         return;
     };
@@ -262,7 +263,7 @@ async fn idle_prefaces(
             break;
         }
         let opened = Instant::now();
-        let Ok(mut tls) = connect(addr, &config).await else {
+        let Ok(mut tls) = connect_from(Some(from(4)), addr, &config).await else {
             tally.add("connect failed");
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -297,7 +298,7 @@ async fn slow_bodies(
         if Instant::now() >= until {
             break;
         }
-        let Ok(tls) = connect(addr, &config).await else {
+        let Ok(tls) = connect_from(Some(from(5)), addr, &config).await else {
             tally.add("connect failed");
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -415,6 +416,7 @@ async fn h1_big_bodies(
     body: Bytes,
 ) {
     let mut client = KeepAlive::new(addr, config);
+    client.local = Some(from(6));
     for _ in 0..MAX_ROUNDS {
         if Instant::now() >= until {
             break;
@@ -518,6 +520,20 @@ fn metric(text: &str, name: &str) -> String {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .unwrap_or("?")
         .to_owned()
+}
+
+/// The non-zero series of `connections_shed_total`, by their labels.
+fn shed(metrics: &str) -> String {
+    let shed: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("outpost_webhook_connections_shed_total") && !l.ends_with(" 0"))
+        .map(|l| l.trim_start_matches("outpost_webhook_connections_shed_total"))
+        .collect();
+    if shed.is_empty() {
+        "none".into()
+    } else {
+        shed.join(", ")
+    }
 }
 
 fn mib(bytes: usize) -> String {
@@ -684,23 +700,7 @@ fn report(
         server.alive,
         metric(&server.metrics, "outpost_webhook_connections_open")
     );
-    let shed: Vec<String> = server
-        .metrics
-        .lines()
-        .filter(|l| l.starts_with("outpost_webhook_connections_shed_total") && !l.ends_with(" 0"))
-        .map(|l| {
-            l.trim_start_matches("outpost_webhook_connections_shed_total")
-                .to_owned()
-        })
-        .collect();
-    println!(
-        "  connections shed: {}",
-        if shed.is_empty() {
-            "none".into()
-        } else {
-            shed.join(", ")
-        }
-    );
+    println!("  connections shed: {}", shed(&server.metrics));
     let peak = server.hwm.max(server.peak);
     let mut failed = Vec::new();
     if peak >= bound {

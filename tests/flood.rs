@@ -28,7 +28,7 @@ use rustls::ClientConfig;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-const A: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+const A: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 /// The bound on the server's peak RSS under a flood.
 const PEAK_RSS_KIB: usize = 96 * 1024;
@@ -125,9 +125,9 @@ async fn hold<S: AsyncRead + AsyncWrite + Unpin>(
             }
             next += 1;
         }
-        match tokio::time::timeout(Duration::from_millis(500), io.read(&mut buf)).await {
-            Ok(Ok(0) | Err(_)) => return true,
-            Ok(Ok(_)) | Err(_) => {}
+        let read = tokio::time::timeout(Duration::from_millis(500), io.read(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            return true;
         }
     }
     false

@@ -3,7 +3,7 @@
 //! all, and which connection gives way when a limit is reached.
 //!
 //! No I/O; `listen` asks [`Table::admit`] at accept and closes what it is told to. The apiserver
-//! is a handful of peers, and any pod can reach the admission port (the NetworkPolicy cannot
+//! is a handful of peers, and any pod can reach the admission port (the `NetworkPolicy` cannot
 //! name the apiserver's address), so one client must never be able to take every connection.
 //! As envoy and nginx limit per downstream address, limits here are per peer; the port's total
 //! stays as the memory bound. At a limit the connection that has done the least gives way: one
@@ -311,22 +311,21 @@ impl Table {
                 .iter()
                 .find(|(_, e)| !e.conn.activity.has_started())
                 .map(|(id, _)| *id);
-            match victim {
-                Some(v) => shed.push(inner.shed_pending(v, ShedReason::MaxConnections)),
-                None => {
-                    let mut peers: Vec<(usize, IpAddr)> = inner
-                        .peers
-                        .iter()
-                        .map(|(ip, ids)| (ids.len(), *ip))
-                        .collect();
-                    peers.sort_unstable_by(|a, b| b.0.cmp(&a.0));
-                    let victim = peers
-                        .iter()
-                        .find_map(|(_, ip)| inner.idlest_of(*ip, now, limits));
-                    match victim {
-                        Some(v) => shed.push(inner.shed_idle(v, ShedReason::MaxConnections)),
-                        None => return refuse(shed, ShedReason::MaxConnections),
-                    }
+            if let Some(v) = victim {
+                shed.push(inner.shed_pending(v, ShedReason::MaxConnections));
+            } else {
+                let mut peers: Vec<(usize, IpAddr)> = inner
+                    .peers
+                    .iter()
+                    .map(|(ip, ids)| (ids.len(), *ip))
+                    .collect();
+                peers.sort_unstable_by_key(|(open, _)| std::cmp::Reverse(*open));
+                let victim = peers
+                    .iter()
+                    .find_map(|(_, ip)| inner.idlest_of(*ip, now, limits));
+                match victim {
+                    Some(v) => shed.push(inner.shed_idle(v, ShedReason::MaxConnections)),
+                    None => return refuse(shed, ShedReason::MaxConnections),
                 }
             }
         }
@@ -445,7 +444,7 @@ impl Inner {
 mod tests {
     use super::*;
 
-    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1));
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
     const C: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 3));
 
@@ -474,7 +473,9 @@ mod tests {
     fn a_peer_over_its_pending_limit_loses_its_oldest_pending_connection() {
         let t = table(100, 100, 3);
         let slots: Vec<Slot> = (0..3).map(|_| t.admit(A).slot.unwrap()).collect();
-        slots.iter().for_each(|s| s.conn.handshaken());
+        for s in &slots {
+            s.conn.handshaken();
+        }
         let fourth = t.admit(A);
         assert!(fourth.slot.is_some());
         assert_eq!(
@@ -555,7 +556,9 @@ mod tests {
     fn idle_connections_still_closing_are_bounded() {
         let t = table(8, 8, 8); // one may be closing at a time
         let slots: Vec<Slot> = (0..8).map(|_| t.admit(A).slot.unwrap()).collect();
-        slots.iter().for_each(served);
+        for s in &slots {
+            served(s);
+        }
         let ninth = t.admit(B).slot.unwrap();
         // The first one shed as idle is still closing: nothing else may be shed, so refused.
         let _request = ninth.conn.activity.begin();

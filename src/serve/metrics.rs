@@ -194,6 +194,27 @@ fn children<L: Copy, S: Clone + std::hash::Hash + Eq>(
         .collect()
 }
 
+/// `connections_shed`: a counter per port, reason and state, in their `ALL` orders.
+fn shed_counters(registry: &mut Registry) -> Vec<Counter> {
+    let family = Family::<ShedLabels, Counter>::default();
+    registry.register(
+        "connections_shed",
+        "Connections closed to keep within a connection limit, by port, the limit reached, and what the connection had done (new: the arriving one, refused)",
+        family.clone(),
+    );
+    let mut counters = Vec::new();
+    for port in Port::ALL {
+        for reason in ShedReason::ALL {
+            counters.extend(children(&family, ShedState::ALL, |state| ShedLabels {
+                port: *port,
+                reason: *reason,
+                state,
+            }));
+        }
+    }
+    counters
+}
+
 /// A metric of one series, registered under `name`.
 fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
     let metric = M::default();
@@ -304,24 +325,7 @@ impl Default for Metrics {
             "connections_refused",
             "Admission connections closed at accept because a connection limit was reached and every connection that could give way was busy",
         );
-        let shed_family = Family::<ShedLabels, Counter>::default();
-        registry.register(
-            "connections_shed",
-            "Connections closed to keep within a connection limit, by port, the limit reached, and what the connection had done (new: the arriving one, refused)",
-            shed_family.clone(),
-        );
-        let mut connections_shed = Vec::new();
-        for port in Port::ALL {
-            for reason in ShedReason::ALL {
-                connections_shed.extend(children(&shed_family, ShedState::ALL, |state| {
-                    ShedLabels {
-                        port: *port,
-                        reason: *reason,
-                        state,
-                    }
-                }));
-            }
-        }
+        let connections_shed = shed_counters(&mut registry);
         let tls_handshake_failures: Counter = registered(
             &mut registry,
             "tls_handshake_failures",
