@@ -5,8 +5,8 @@
 # The binary is built before the image, not inside it, so no stage pulls a base image and the
 # same file serves both builders:
 #
-#   local:   scripts/image.sh   (cargo builds target/image/bin/amd64/outpost-webhook, then
-#                                `buildah build` runs this file)
+#   local:   scripts/image.sh   (cargo builds target/image/bin/amd64/outpost-webhook with the
+#                                `dist` profile, then `buildah build` runs this file)
 #   release: .github/workflows/release.yml (one static binary per arch on native runners, then
 #            `docker buildx build --platform linux/amd64,linux/arm64` runs this file; buildx
 #            sets TARGETARCH for each platform and copies that arch's binary)

@@ -6,6 +6,9 @@
 #
 #   bench/load.sh [SECONDS=5] [REPEATS=3]
 #
+# PROFILE=dist measures the image's build (fat LTO) instead of `release`; CELLS="http1:16" runs
+# only the rows named (see bench/load.py).
+#
 # Installs what it needs: oha (from crates.io, into target/bench-tools). Only 127.0.0.1 is
 # used. Writes the table to stdout and target/bench/load.json.
 set -euo pipefail
@@ -17,9 +20,10 @@ oha=$(scripts/ensure-oha.sh)
 command -v taskset >/dev/null || { echo "load.sh: taskset (util-linux) is needed" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "load.sh: python3 is needed" >&2; exit 1; }
 
-cargo build --release --locked --bin outpost-webhook --example floor >&2
+profile=${PROFILE:-release}
+cargo build --profile "$profile" --locked --bin outpost-webhook --example floor >&2
 mkdir -p target/bench
-target/release/outpost-webhook certs --service outpost-webhook --namespace outpost-webhook \
+"target/$profile/outpost-webhook" certs --service outpost-webhook --namespace outpost-webhook \
   --san 127.0.0.1 --out target/bench/certs >/dev/null
 
-OHA="$oha" exec python3 bench/load.py "$seconds" "$repeats"
+PROFILE="$profile" OHA="$oha" exec python3 bench/load.py "$seconds" "$repeats"

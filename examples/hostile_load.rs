@@ -1,5 +1,7 @@
 //! The hostile load of issue 12, against a running `serve` on loopback, while a normal client
-//! sends one review every 100 ms and times it, and the server's resident memory is sampled.
+//! sends one review every 100 ms and times it, and the server's resident memory is sampled. The
+//! server's connection limits are per client address: the normal client (the apiserver)
+//! connects from 127.0.0.2, each kind of attacker from an address of its own (127.0.0.3 to 6).
 //!
 //! `scripts/hostile-load.sh` builds and starts the server and runs this; by hand:
 //! `hostile_load ADDR HEALTH_ADDR CA_FILE SERVER_PID [SECONDS=40]`. Prints what each attacker
@@ -39,12 +41,23 @@ const REVIEW: &str = include_str!("../tests/golden/embedded-service-create/revie
 /// The Deployment's memory limit (deploy/base/deployment.yaml).
 const DEPLOYMENT_LIMIT: usize = 128 << 20;
 /// The server's `--max-connections` default, which the Deployment keeps.
-const MAX_CONNECTIONS: usize = 128;
+const MAX_CONNECTIONS: usize = outpost_webhook::serve::DEFAULT_MAX_CONNECTIONS;
+/// The normal client's address: another client than the attackers'.
+const NORMAL_CLIENT: std::net::IpAddr = from(2);
+
+/// 127.0.0.`n`. Each kind of attacker connects from its own address (big HTTP/2 streams 3,
+/// idle prefaces 4, slow bodies 5, big HTTP/1 bodies 6), so that every kind gets within the
+/// server's per-peer limits and together they reach the port's: the memory bound is what is
+/// tested.
+const fn from(n: u8) -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, n))
+}
 /// The hostile bodies of the issue.
 const BIG_BODY: usize = 6 << 20;
 const H2_STREAMS: usize = 256;
-/// Connections of each kind. With the normal client, 105: under `--max-connections`, so every
-/// attacker is served and none is refused at accept.
+/// Connections of each kind, 104 in all with the normal client's, under `--max-connections`. The
+/// 48 idle prefaces are over `--max-pending-per-peer` (32) of their address, so the oldest of
+/// them gives way to each newer one.
 const H2_CONNECTIONS: usize = H2_STREAMS / listen::H2_MAX_STREAMS as usize;
 const IDLE_CONNECTIONS: usize = 48;
 const SLOW_CONNECTIONS: usize = 16;
@@ -141,12 +154,21 @@ fn client_config(ca_pem: &str, alpn: &[u8]) -> Arc<ClientConfig> {
     Arc::new(config)
 }
 
-/// A TLS connection to the development certificate's name.
-async fn connect(
+/// A TLS connection to the development certificate's name, from the loopback address `local`
+/// when given.
+async fn connect_from(
+    local: Option<std::net::IpAddr>,
     addr: SocketAddr,
     config: &Arc<ClientConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
+    let tcp = match local {
+        Some(local) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(local, 0))?;
+            socket.connect(addr).await?
+        }
+        None => TcpStream::connect(addr).await?,
+    };
     tcp.set_nodelay(true)?;
     TlsConnector::from(Arc::clone(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -180,7 +202,7 @@ async fn h2_big_streams(
     until: Instant,
     tally: Arc<Tally>,
 ) {
-    let Ok(tls) = connect(addr, &config).await else {
+    let Ok(tls) = connect_from(Some(from(3)), addr, &config).await else {
         tally.add("connect failed");
         return;
     };
@@ -241,7 +263,7 @@ async fn idle_prefaces(
             break;
         }
         let opened = Instant::now();
-        let Ok(mut tls) = connect(addr, &config).await else {
+        let Ok(mut tls) = connect_from(Some(from(4)), addr, &config).await else {
             tally.add("connect failed");
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -276,7 +298,7 @@ async fn slow_bodies(
         if Instant::now() >= until {
             break;
         }
-        let Ok(tls) = connect(addr, &config).await else {
+        let Ok(tls) = connect_from(Some(from(5)), addr, &config).await else {
             tally.add("connect failed");
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -319,6 +341,7 @@ async fn slow_bodies(
 /// An HTTP/1 keep-alive client, as the apiserver pools them, that reconnects when the server has
 /// closed its connection.
 struct KeepAlive {
+    local: Option<std::net::IpAddr>,
     addr: SocketAddr,
     config: Arc<ClientConfig>,
     sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
@@ -327,6 +350,7 @@ struct KeepAlive {
 impl KeepAlive {
     fn new(addr: SocketAddr, config: Arc<ClientConfig>) -> Self {
         Self {
+            local: None,
             addr,
             config,
             sender: None,
@@ -342,7 +366,7 @@ impl KeepAlive {
             .as_ref()
             .is_none_or(hyper::client::conn::http1::SendRequest::is_closed)
         {
-            let tls = connect(self.addr, &self.config)
+            let tls = connect_from(self.local, self.addr, &self.config)
                 .await
                 .map_err(|_| "connect failed".to_owned())?;
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -392,6 +416,7 @@ async fn h1_big_bodies(
     body: Bytes,
 ) {
     let mut client = KeepAlive::new(addr, config);
+    client.local = Some(from(6));
     for _ in 0..MAX_ROUNDS {
         if Instant::now() >= until {
             break;
@@ -426,6 +451,7 @@ fn normal_reviews(
         let (mut latencies, tally) = (Vec::new(), Tally::default());
         let body = Bytes::from_static(REVIEW.as_bytes());
         let mut client = KeepAlive::new(addr, config);
+        client.local = Some(NORMAL_CLIENT);
         tokio::time::sleep_until(from.into()).await;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         for _ in 0..MAX_ROUNDS {
@@ -494,6 +520,20 @@ fn metric(text: &str, name: &str) -> String {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .unwrap_or("?")
         .to_owned()
+}
+
+/// The non-zero series of `connections_shed_total`, by their labels.
+fn shed(metrics: &str) -> String {
+    let shed: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("outpost_webhook_connections_shed_total") && !l.ends_with(" 0"))
+        .map(|l| l.trim_start_matches("outpost_webhook_connections_shed_total"))
+        .collect();
+    if shed.is_empty() {
+        "none".into()
+    } else {
+        shed.join(", ")
+    }
 }
 
 fn mib(bytes: usize) -> String {
@@ -601,7 +641,11 @@ fn report(
         .iter()
         .filter(|d| **d >= Duration::from_millis(100))
         .count();
-    let bound = budget::worst_case_rss(budget::DEFAULT_MAX_INFLIGHT_BYTES, MAX_CONNECTIONS);
+    let bound = budget::worst_case_rss(
+        budget::DEFAULT_MAX_INFLIGHT_BYTES,
+        MAX_CONNECTIONS,
+        outpost_webhook::serve::DEFAULT_HEALTH_MAX_CONNECTIONS,
+    );
     let panics = metric(&server.metrics, "outpost_webhook_panics_total");
     let t = &attack.tallies;
     println!(
@@ -646,7 +690,7 @@ fn report(
         mib(server.hwm)
     );
     println!(
-        "  bound budget::worst_case_rss({}, {MAX_CONNECTIONS}) = {}; Deployment limit {}",
+        "  bound budget::worst_case_rss({}, {MAX_CONNECTIONS}, health) = {}; Deployment limit {}",
         mib(budget::DEFAULT_MAX_INFLIGHT_BYTES),
         mib(bound),
         mib(DEPLOYMENT_LIMIT)
@@ -656,6 +700,7 @@ fn report(
         server.alive,
         metric(&server.metrics, "outpost_webhook_connections_open")
     );
+    println!("  connections shed: {}", shed(&server.metrics));
     let peak = server.hwm.max(server.peak);
     let mut failed = Vec::new();
     if peak >= bound {

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds outpost-webhook as one static linux binary for this machine's arch, for the image:
+# Builds outpost-webhook as one static linux binary for this machine's arch, for the image, with
+# the `dist` profile (fat LTO, one codegen unit; Cargo.toml says why it is not `release`):
 #
 #   scripts/build-static.sh            -> target/image/bin/<arch>/outpost-webhook
 #
@@ -30,10 +31,10 @@ read -r -a subcommand <<<"${CARGO_BUILD_SUBCOMMAND:-build}"
 # strip=symbols: the image carries no debugger; panics still print their message and location.
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
 CARGO_TARGET_DIR=$cargo_dir \
-CARGO_PROFILE_RELEASE_STRIP=symbols \
-  cargo "${subcommand[@]}" --release --locked --bin outpost-webhook --target "$triple" >&2
+CARGO_PROFILE_DIST_STRIP=symbols \
+  cargo "${subcommand[@]}" --profile dist --locked --bin outpost-webhook --target "$triple" >&2
 
-bin=$cargo_dir/$triple/release/outpost-webhook
+bin=$cargo_dir/$triple/dist/outpost-webhook
 # Static means no program interpreter and no shared-library dependencies.
 elf=$(readelf --wide --program-headers --dynamic "$bin")
 if grep -q -e INTERP -e '(NEEDED)' <<<"$elf"; then

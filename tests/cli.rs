@@ -360,3 +360,49 @@ fn mutate_takes_several_json_files_as_one_cluster_and_names_a_bad_one() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// docs/operations.md's flag table is written from `serve --help`: every flag it prints has a
+/// row, with the default it prints.
+#[test]
+fn every_serve_flag_and_default_is_in_the_operations_flag_table() {
+    let help = text(&run(&["serve", "--help"], b"").stdout);
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let table: Vec<&str> = doc.lines().filter(|l| l.starts_with("| `--")).collect();
+    let mut flags = 0;
+    for line in help.lines().map(str::trim_start) {
+        let Some(flag) = line.strip_prefix("--") else {
+            continue;
+        };
+        let name = flag.split([' ', '=', '<']).next().unwrap();
+        if matches!(name, "help" | "version") {
+            continue;
+        }
+        flags += 1;
+        let row = table
+            .iter()
+            .find(|r| r.contains(&format!("`--{name}`")))
+            .unwrap_or_else(|| panic!("--{name} has no row in docs/operations.md"));
+        // The help's `[default: X]` is somewhere in its paragraph; the row carries the same X.
+        let paragraph: String = help
+            .split(&format!("--{name}"))
+            .nth(1)
+            .unwrap()
+            .split("\n      --")
+            .next()
+            .unwrap()
+            .to_owned();
+        if let Some(default) = paragraph
+            .split("[default: ")
+            .nth(1)
+            .and_then(|d| d.split(']').next())
+            .filter(|d| !d.contains("outpost-webhook-dev"))
+        {
+            assert!(
+                row.contains(&format!("`{default}`")),
+                "--{name}: the help says [default: {default}], the table says {row}"
+            );
+        }
+    }
+    assert!(flags >= 20, "{help}");
+}

@@ -146,38 +146,59 @@ fn sigterm_under_load_turns_readiness_first_and_exits_zero_within_the_drain() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_hundred_slow_clients_do_not_keep_a_normal_one_waiting() {
+async fn five_hundred_slow_clients_give_way_oldest_first_and_a_normal_one_is_served() {
     let _serial = one_at_a_time();
-    let server = TestServer::start_with(|c| c.settings.max_connections = 1000).await;
+    // Room for all 500 on the port: the per-peer limit alone decides.
+    let server = TestServer::start_with(|c| {
+        c.settings.max_connections = 1000;
+        c.settings.max_connections_per_peer = 64;
+        c.settings.max_pending_per_peer = 32;
+    })
+    .await;
     let config = common::client_config(&server.ca_pem, &[b"http/1.1"], None);
     let mut slow = Vec::new();
-    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for _ in 0..500 {
         let config = Arc::clone(&config);
         let addr = server.addr();
-        let connected = Arc::clone(&connected);
+        let closed = Arc::clone(&closed);
         slow.push(tokio::spawn(async move {
-            let Ok(mut tls) = common::tls_connect(addr, config).await else {
-                return;
-            };
-            connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            // One byte of headers a second, for at most 5 s.
-            for byte in b"POST /mu".iter().take(5) {
-                if tls.write_all(&[*byte]).await.is_err() || tls.flush().await.is_err() {
-                    return;
+            // One byte of headers a second, for at most 5 s; a connection the server closes
+            // (in its handshake, or after) is counted once.
+            let gone = async {
+                let mut tls = common::tls_connect(addr, config).await.ok()?;
+                for byte in b"POST /mu".iter().take(5) {
+                    tls.write_all(&[*byte]).await.ok()?;
+                    tls.flush().await.ok()?;
+                    let mut buf = [0u8; 16];
+                    if let Ok(read) =
+                        tokio::time::timeout(Duration::from_secs(1), tls.read(&mut buf)).await
+                    {
+                        // EOF or an error: the server closed it.
+                        if read.map_or(true, |n| n == 0) {
+                            return None;
+                        }
+                    }
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                Some(())
+            };
+            if gone.await.is_none() {
+                closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }));
     }
+    // The slow clients' oldest are closed as newer ones arrive: all but the newest 32 pending.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while connected.load(std::sync::atomic::Ordering::Relaxed) < 500 {
+    while closed.load(std::sync::atomic::Ordering::Relaxed) < 500 - 32 {
         assert!(
             Instant::now() < deadline,
-            "the slow clients could not connect"
+            "the slow clients were not shed: {} closed",
+            closed.load(std::sync::atomic::Ordering::Relaxed)
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // A normal client from the same address: its connection is the newest, and once it has sent
+    // a request it is no longer pending.
     let review = golden_reviews().remove(0).1;
     let mut client = Http1::connect(server.addr(), &server.ca_pem).await;
     for _ in 0..20 {
@@ -186,26 +207,41 @@ async fn five_hundred_slow_clients_do_not_keep_a_normal_one_waiting() {
             .unwrap();
         assert_eq!(status, 200);
     }
-    let (_, metrics) = health_get(server.running.health_addr, "/metrics").await;
-    let open: i64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("outpost_webhook_connections_open "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(open >= 500, "the slow clients were connected: {open}");
+    let shed = metric(
+        server.running.health_addr,
+        "outpost_webhook_connections_shed_total{port=\"admission\",reason=\"peer_pending\",state=\"no_request\"}",
+    )
+    .await
+        + metric(
+            server.running.health_addr,
+            "outpost_webhook_connections_shed_total{port=\"admission\",reason=\"peer_pending\",state=\"handshake\"}",
+        )
+        .await;
+    assert!(shed >= 500 - 32, "shed {shed}");
+    assert!(connections_open(server.running.health_addr).await <= 33);
     for task in slow {
         task.abort();
     }
 }
 
 #[test]
-fn two_thousand_connections_at_once_are_served_or_refused_cleanly() {
+fn two_thousand_connections_at_once_are_served_or_shed_cleanly() {
     let _serial = one_at_a_time();
     let dir = temp_dir("c2000");
     certs_into(&dir);
     let ca = std::fs::read_to_string(dir.path().join("ca.crt")).unwrap();
-    let mut served = serve(&dir, &["--max-connections", "500"]);
+    // One client address: the port's limit is what is tested, so the per-peer ones are as large.
+    let mut served = serve(
+        &dir,
+        &[
+            "--max-connections",
+            "500",
+            "--max-connections-per-peer",
+            "2000",
+            "--max-pending-per-peer",
+            "2000",
+        ],
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -257,11 +293,19 @@ fn two_thousand_connections_at_once_are_served_or_refused_cleanly() {
         // The server is still there and serving.
         let mut client = Http1::connect(served.addr, &ca).await;
         assert_eq!(client.review(&review).await.0, 200);
+        // The server says why: the port's limit, the oldest connections with no request (or
+        // the new one, when all were busy) closed.
         let (_, metrics) = health_get(served.health, "/metrics").await;
-        assert!(
-            !metrics.contains("outpost_webhook_connections_refused_total 0\n"),
-            "{metrics}"
-        );
+        let shed: u64 = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with(
+                    "outpost_webhook_connections_shed_total{port=\"admission\",reason=\"max_connections\"",
+                )
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert!(shed >= 1000, "shed {shed}\n{metrics}");
         assert_no_panics(served.health, Some(&mut served.child)).await;
     });
     assert!(
@@ -903,7 +947,11 @@ fn many_http2_streams_of_large_bodies_stay_within_the_documented_memory_bound() 
         .trim()
         .parse()
         .unwrap();
-    let bound = budget::worst_case_rss(budget::DEFAULT_MAX_INFLIGHT_BYTES, 128);
+    let bound = budget::worst_case_rss(
+        budget::DEFAULT_MAX_INFLIGHT_BYTES,
+        outpost_webhook::serve::DEFAULT_MAX_CONNECTIONS,
+        outpost_webhook::serve::DEFAULT_HEALTH_MAX_CONNECTIONS,
+    );
     assert!(
         hwm_kib * 1024 < bound,
         "peak RSS {hwm_kib} KiB over the bound of {} KiB",

@@ -105,10 +105,24 @@ pub struct ServeArgs {
     /// How long a client may take to finish the TLS handshake.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub handshake_timeout: Duration,
-    /// Open TLS connections beyond this are closed at once. Each may hold up to 256 KiB outside
-    /// the request budget (HTTP/2 windows and headers, TLS buffers).
-    #[arg(long, default_value_t = 128)]
+    /// Admission connections open at once, in every state (the memory bound: each may hold up to
+    /// 256 KiB outside the request budget). At the limit the one that has done the least gives
+    /// way: one with no request yet, oldest first, then one idle between requests of the peer
+    /// holding the most. Only when all are busy is the new one closed.
+    #[arg(long, default_value_t = serve::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Admission connections one client address may hold; past it, that client's own oldest
+    /// pending (then idle) connection gives way. Keeps one client from locking the apiserver out.
+    #[arg(long, value_name = "N", default_value_t = serve::DEFAULT_MAX_CONNECTIONS_PER_PEER)]
+    pub max_connections_per_peer: usize,
+    /// Admission connections of one client address still in the TLS handshake or with no request
+    /// sent; past it, that client's oldest such connection is closed (silent sockets, slowloris).
+    #[arg(long, value_name = "N", default_value_t = serve::DEFAULT_MAX_PENDING_PER_PEER)]
+    pub max_pending_per_peer: usize,
+    /// Connections the health port (/healthz, /readyz, /metrics) holds at once, with the same
+    /// timeouts as admission; one client address may hold a quarter, an eighth pending.
+    #[arg(long, value_name = "N", default_value_t = serve::DEFAULT_HEALTH_MAX_CONNECTIONS)]
+    pub health_max_connections: usize,
     /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY).
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub idle_timeout: Duration,
@@ -161,6 +175,9 @@ pub fn execute(args: ServeArgs) -> Result<(), Error> {
             header_timeout: args.header_timeout,
             handshake_timeout: args.handshake_timeout,
             max_connections: args.max_connections,
+            max_connections_per_peer: args.max_connections_per_peer,
+            max_pending_per_peer: args.max_pending_per_peer,
+            health_max_connections: args.health_max_connections,
             idle_timeout: args.idle_timeout,
             max_connection_age: args.max_connection_age,
         },

@@ -196,10 +196,15 @@ pub fn mutate_object(policy: &Policy, kind: ObjectKind, object: &Value) -> Outco
 }
 
 fn namespace_of(object: &Value) -> &str {
-    object
-        .pointer("/metadata/namespace")
+    at(object, &["metadata", "namespace"])
         .and_then(Value::as_str)
         .unwrap_or_default()
+}
+
+/// The member at `path` of nested objects. `Value::pointer` would parse and unescape a JSON
+/// pointer, allocating for every token, on every review.
+fn at<'v>(value: &'v Value, path: &[&str]) -> Option<&'v Value> {
+    path.iter().try_fold(value, |v, key| v.get(*key))
 }
 
 /// Decides what to do with one Service or Deployment in `namespace`, given what `view` knows of
@@ -216,14 +221,10 @@ pub fn mutate_in(
         ops: Vec::new(),
         warnings: Vec::new(),
         problems: 0,
-        what: format!(
-            "{}/{}",
-            kind.as_str(),
-            object
-                .pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or("(unnamed)")
-        ),
+        kind,
+        name: at(object, &["metadata", "name"])
+            .and_then(Value::as_str)
+            .unwrap_or("(unnamed)"),
     };
     let outpost = match identify(object) {
         Identity::NotOurs => return Outcome::skipped(),
@@ -310,9 +311,7 @@ pub fn identify_outpost(object: &Value) -> Option<Outpost<'_>> {
 
 /// An outpost object carries authentik's managed-by label and all three outpost labels.
 fn identify(object: &Value) -> Identity<'_> {
-    let labels = object
-        .pointer("/metadata/labels")
-        .and_then(Value::as_object);
+    let labels = at(object, &["metadata", "labels"]).and_then(Value::as_object);
     let label = |key: &str| {
         labels
             .and_then(|l| l.get(key))
@@ -360,15 +359,17 @@ pub fn pod_selector(outpost: &Outpost<'_>) -> Map<String, Value> {
     m
 }
 
-struct Fixer {
+struct Fixer<'o> {
     ops: Vec<PatchOperation>,
     warnings: Vec<String>,
     /// How many warnings say the object could not be fixed (the rest explain a choice).
     problems: usize,
-    what: String,
+    /// What the object is, for warnings: written out only when there is one.
+    kind: ObjectKind,
+    name: &'o str,
 }
 
-impl Fixer {
+impl Fixer<'_> {
     fn finish(self) -> Outcome {
         let verdict = match (self.ops.is_empty(), self.problems) {
             (false, _) => Verdict::Patched,
@@ -385,7 +386,12 @@ impl Fixer {
     /// A warning that the object could not be fixed.
     fn warn(&mut self, problem: &str) {
         self.problems += 1;
-        self.push(format!("outpost-webhook: {}: {problem}", self.what));
+        let text = format!(
+            "outpost-webhook: {}/{}: {problem}",
+            self.kind.as_str(),
+            self.name
+        );
+        self.push(text);
     }
 
     /// A warning that explains a choice: the object is as it should be. It names the outpost
@@ -454,9 +460,7 @@ impl Fixer {
                 .iter()
                 .all(|(k, v)| s.get(*k).and_then(Value::as_str) == Some(*v))
         });
-        let recorded = object
-            .pointer("/metadata/annotations")
-            .and_then(|a| a.get(ORIGINAL_SELECTOR))
+        let recorded = at(object, &["metadata", "annotations", ORIGINAL_SELECTOR])
             .and_then(Value::as_str)
             .and_then(|text| serde_json::from_str::<Map<String, Value>>(text).ok());
         let rewrite = match mode {
@@ -708,30 +712,48 @@ impl Fixer {
                 return;
             }
         };
-        let mut index: HashMap<&str, Vec<usize>> = HashMap::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            if let Some(key) = item.get(key_field).and_then(Value::as_str) {
-                index.entry(key).or_default().push(i);
+        // A short list (an outpost container's env, its mounts) is searched in place: hashing
+        // every name and a list per name cost more than the comparisons. A long one is indexed
+        // once, so the work stays linear in its length.
+        let index: HashMap<&str, Vec<usize>> = if items.len() <= SCAN_UP_TO {
+            HashMap::new()
+        } else {
+            let mut index: HashMap<&str, Vec<usize>> = HashMap::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                if let Some(key) = key_of(item, key_field) {
+                    index.entry(key).or_default().push(i);
+                }
             }
-        }
+            index
+        };
         let list_at = at.with_trailing_token(field);
         let mut missing = Vec::new();
         for want in desired {
-            match index.get(want.key.as_str()) {
-                Some(found) => {
-                    for &i in found {
-                        if !items
-                            .get(i)
-                            .is_some_and(|have| covers(have, &want.value, Quantity::No))
-                        {
-                            self.ops.push(PatchOperation::Replace(ReplaceOperation {
-                                path: list_at.with_trailing_token(i),
-                                value: want.value.clone(),
-                            }));
-                        }
+            let mut found = false;
+            let mut check = |i: usize, have: &Value| {
+                found = true;
+                if !covers(have, &want.value, Quantity::No) {
+                    self.ops.push(PatchOperation::Replace(ReplaceOperation {
+                        path: list_at.with_trailing_token(i),
+                        value: want.value.clone(),
+                    }));
+                }
+            };
+            if items.len() <= SCAN_UP_TO {
+                for (i, have) in items.iter().enumerate() {
+                    if key_of(have, key_field) == Some(want.key.as_str()) {
+                        check(i, have);
                     }
                 }
-                None => missing.push(want),
+            } else if let Some(at) = index.get(want.key.as_str()) {
+                for &i in at {
+                    if let Some(have) = items.get(i) {
+                        check(i, have);
+                    }
+                }
+            }
+            if !found {
+                missing.push(want);
             }
         }
         // Appends come after the in-place replaces, so no index above has moved.
@@ -743,6 +765,14 @@ impl Fixer {
         }
     }
 }
+
+/// The string `item[field]`, the key a list entry is upserted by.
+fn key_of<'v>(item: &'v Value, field: &str) -> Option<&'v str> {
+    item.get(field).and_then(Value::as_str)
+}
+
+/// Lists this long or shorter are searched in place by [`Fixer::upsert`]; longer ones indexed.
+const SCAN_UP_TO: usize = 32;
 
 fn ptr(tokens: &[&str]) -> PointerBuf {
     PointerBuf::from_tokens(tokens.iter().map(|t| Token::new(*t)))

@@ -37,6 +37,8 @@ pub const BASE_RSS: usize = 16 << 20;
 /// body data, the headers of its concurrent streams, hyper's HTTP/1 read buffer and rustls'
 /// record buffers. See `listen`.
 pub const PER_CONNECTION: usize = super::listen::PER_CONNECTION_BYTES;
+/// The most one health connection holds: hyper's HTTP/1 buffer and the answer being written.
+pub const HEALTH_PER_CONNECTION: usize = super::listen::HEALTH_PER_CONNECTION_BYTES;
 
 /// Budget permits are KiB, so that one `acquire_many` (a `u32`) covers any body.
 const UNIT: usize = 1024;
@@ -80,11 +82,24 @@ pub fn check(budget: usize, max_body: usize) -> Result<(), BudgetError> {
 }
 
 /// The worst-case resident memory of a server with these limits, in bytes:
-/// `BASE_RSS + max_connections x PER_CONNECTION + max_inflight_bytes + PARSE_SLOTS x PARSE_RESERVE`.
+/// `BASE_RSS + connections x PER_CONNECTION + health connections x HEALTH_PER_CONNECTION +
+/// max_inflight_bytes + PARSE_SLOTS x PARSE_RESERVE`, where each port's connections are its
+/// limit and the idle ones shed and still closing ([`super::fair::Limits::worst_case`]).
 #[must_use]
-pub fn worst_case_rss(max_inflight_bytes: usize, max_connections: usize) -> usize {
+pub fn worst_case_rss(
+    max_inflight_bytes: usize,
+    max_connections: usize,
+    health_max_connections: usize,
+) -> usize {
+    let admission = super::fair::Limits {
+        max: max_connections,
+        per_peer: max_connections,
+        pending_per_peer: max_connections,
+    };
+    let health = super::health_limits(health_max_connections);
     BASE_RSS
-        .saturating_add(max_connections.saturating_mul(PER_CONNECTION))
+        .saturating_add(admission.worst_case().saturating_mul(PER_CONNECTION))
+        .saturating_add(health.worst_case().saturating_mul(HEALTH_PER_CONNECTION))
         .saturating_add(max_inflight_bytes)
         .saturating_add(PARSE_SLOTS * PARSE_RESERVE)
 }
@@ -194,11 +209,25 @@ mod tests {
 
     #[test]
     fn the_worst_case_grows_with_connections_and_budget() {
-        let base = worst_case_rss(0, 0);
-        assert_eq!(base, BASE_RSS + PARSE_SLOTS * PARSE_RESERVE);
+        let base = worst_case_rss(0, 8, 8);
         assert_eq!(
-            worst_case_rss(1 << 20, 2) - base,
-            (1 << 20) + 2 * PER_CONNECTION
+            base,
+            BASE_RSS + PARSE_SLOTS * PARSE_RESERVE + 9 * PER_CONNECTION + 9 * HEALTH_PER_CONNECTION
         );
+        // An eighth of each port's limit may still be closing after being shed as idle.
+        assert_eq!(
+            worst_case_rss(1 << 20, 16, 8) - base,
+            (1 << 20) + 9 * PER_CONNECTION
+        );
+    }
+
+    #[test]
+    fn the_defaults_stay_within_96_mib() {
+        let bound = worst_case_rss(
+            DEFAULT_MAX_INFLIGHT_BYTES,
+            crate::serve::DEFAULT_MAX_CONNECTIONS,
+            crate::serve::DEFAULT_HEALTH_MAX_CONNECTIONS,
+        );
+        assert!(bound <= 96 << 20, "{}", bound >> 20);
     }
 }

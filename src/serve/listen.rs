@@ -3,16 +3,7 @@
 //!
 //! Does network I/O.
 
-use std::{
-    net::SocketAddr,
-    panic::AssertUnwindSafe,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, panic::AssertUnwindSafe, pin::Pin, sync::Arc, time::Duration};
 
 use axum::{Router, http::StatusCode, response::IntoResponse as _};
 use futures::FutureExt as _;
@@ -24,8 +15,8 @@ use hyper_util::{
 };
 use rustls::ServerConfig;
 use tokio::{
-    net::TcpListener,
-    sync::{Semaphore, watch},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
     task::JoinHandle,
     time::Instant,
 };
@@ -35,7 +26,9 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 use super::{
     ServeError, Settings,
     app::App,
+    fair::{Activity, Close, Conn, SHED_GRACE, Slot, Table},
     http::{health_router, router},
+    metrics::Port as PortName,
 };
 
 /// HTTP/2 streams one connection may have open at once. The apiserver opens another connection
@@ -53,6 +46,10 @@ pub const H2_CONNECTION_WINDOW: u32 = H2_MAX_STREAMS * H2_STREAM_WINDOW;
 pub const H2_MAX_HEADER_LIST: u32 = 8 * 1024;
 /// hyper's HTTP/1 read buffer, which holds the request head.
 pub const H1_MAX_BUF: usize = 64 * 1024;
+/// hyper's HTTP/1 read buffer on the health port: its requests are a line and a few headers.
+pub const HEALTH_MAX_BUF: usize = 16 * 1024;
+/// The most one health connection holds: its read buffer and the `/metrics` answer being written.
+pub const HEALTH_PER_CONNECTION_BYTES: usize = HEALTH_MAX_BUF + 48 * 1024;
 /// What rustls and the TLS stream hold per connection: record buffers both ways.
 const TLS_BUFFERS: usize = 48 * 1024;
 /// The most one open connection holds outside the budget: its unread HTTP/2 window and the
@@ -65,6 +62,10 @@ pub const PER_CONNECTION_BYTES: usize = {
     let h1 = H1_MAX_BUF;
     (if h2 > h1 { h2 } else { h1 }) + TLS_BUFFERS
 };
+/// Connections the kernel queues until they are accepted (capped by `net.core.somaxconn`, 4096 by
+/// default). A client that opens a thousand at once must not fill the queue: past it the
+/// kernel drops the next SYN, the apiserver's too, and its connect waits a second to retry.
+const BACKLOG: u32 = 4096;
 /// How often a connection checks whether it is idle or too old.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
 
@@ -117,13 +118,9 @@ pub async fn start_with(
     tls: Arc<ServerConfig>,
     admission: Router,
 ) -> Result<Running, ServeError> {
-    let bind = |addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Bind { addr, source })
-    };
-    let listener = bind(settings.addr).await?;
-    let health = bind(settings.health_addr).await?;
+    let bind = |addr| listen(addr).map_err(|source| ServeError::Bind { addr, source });
+    let listener = bind(settings.addr)?;
+    let health = bind(settings.health_addr)?;
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: settings.addr,
         source,
@@ -152,6 +149,19 @@ pub async fn start_with(
     })
 }
 
+/// A listening socket with a backlog of [`BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As TcpListener::bind does: a restarted server may bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 async fn supervise(
     settings: Settings,
     app: Arc<App>,
@@ -176,24 +186,18 @@ async fn supervise(
         })
     };
 
-    let (health_stop, mut health_stop_rx) = watch::channel(false);
-    let health_task = tokio::spawn({
-        let router = health_router(Arc::clone(&app));
-        async move {
-            let served = axum::serve(health, router)
-                .with_graceful_shutdown(async move { stopped(&mut health_stop_rx).await })
-                .await;
-            if let Err(e) = served {
-                error!(error = %e, "The health server failed");
-            }
-        }
-    });
-
     let (accept_stop, accept_stop_rx) = watch::channel(false);
-    let accept_task = tokio::spawn(accept_loop(
+    let health_task = tokio::spawn(accept_loop(
+        Port::health(&settings, health_router(Arc::clone(&app))),
         settings.clone(),
         Arc::clone(&app),
-        (tls, admission),
+        health,
+        accept_stop_rx.clone(),
+    ));
+    let accept_task = tokio::spawn(accept_loop(
+        Port::admission(&settings, tls, admission),
+        settings.clone(),
+        Arc::clone(&app),
         listener,
         accept_stop_rx,
     ));
@@ -201,13 +205,16 @@ async fn supervise(
     stopped(&mut stop).await;
     info!(drain = ?settings.drain, "Draining: readiness fails, requests are still served");
     tokio::time::sleep(settings.drain).await;
+    // Both ports close together; each waits at most --shutdown-grace (and a second) for its
+    // connections, however many are open, so the process stops well within the kubelet's
+    // terminationGracePeriodSeconds.
     let _ = accept_stop.send(true);
-    if let Err(e) = accept_task.await {
-        error!(error = %e, "The accept loop failed");
+    for (port, task) in [("admission", accept_task), ("health", health_task)] {
+        if let Err(e) = task.await {
+            error!(error = %e, port, "The accept loop failed");
+        }
     }
     reloader.abort();
-    let _ = health_stop.send(true);
-    let _ = health_task.await;
     info!("Stopped");
 }
 
@@ -216,37 +223,75 @@ async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|s| *s).await;
 }
 
+/// One listening port: its name in metrics, TLS (admission) or none (health), its router, its
+/// connection table and how hyper serves it.
+struct Port {
+    name: PortName,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+    table: Arc<Table>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl Port {
+    fn admission(settings: &Settings, tls: Arc<ServerConfig>, router: Router) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_timeout)
+            .max_buf_size(H1_MAX_BUF)
+            .keep_alive(true);
+        // Every buffer a client can fill before the budget counts it is bounded here; see
+        // PER_CONNECTION_BYTES. Pings find peers that vanished without a FIN.
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .adaptive_window(false)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
+            .max_send_buf_size(64 * 1024)
+            .keep_alive_interval(Some(Duration::from_secs(10)))
+            .keep_alive_timeout(Duration::from_secs(10));
+        Self {
+            name: PortName::Admission,
+            tls: Some(TlsAcceptor::from(tls)),
+            router,
+            table: Table::new(settings.admission_limits()),
+            builder: Arc::new(builder),
+        }
+    }
+
+    /// The kubelet's probes and Prometheus speak HTTP/1.1; the port has a small budget of its
+    /// own, so a flood of it cannot reach admission's memory.
+    fn health(settings: &Settings, router: Router) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_timeout)
+            .max_buf_size(HEALTH_MAX_BUF)
+            .keep_alive(true);
+        Self {
+            name: PortName::Health,
+            tls: None,
+            router,
+            table: Table::new(settings.health_limits()),
+            builder: Arc::new(builder),
+        }
+    }
+}
+
 async fn accept_loop(
+    port: Port,
     settings: Settings,
     app: Arc<App>,
-    (tls, router): (Arc<ServerConfig>, Router),
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
-    let limit = Arc::new(Semaphore::new(settings.max_connections));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
-        .max_buf_size(H1_MAX_BUF)
-        .keep_alive(true);
-    // Every buffer a client can fill before the budget counts it is bounded here; see
-    // PER_CONNECTION_BYTES. Pings find peers that vanished without a FIN.
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS)
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .adaptive_window(false)
-        .max_header_list_size(H2_MAX_HEADER_LIST)
-        .max_send_buf_size(64 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(10)))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let builder = Arc::new(builder);
-
+    let port = Arc::new(port);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -260,65 +305,103 @@ async fn accept_loop(
             },
             () = stopped(&mut stop) => break,
         };
-        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-            app.metrics.connection_refused();
-            debug!(%peer, "Refused a connection: --max-connections reached");
+        let admitted = port.table.admit(peer.ip());
+        for shed in &admitted.shed {
+            app.metrics.shed(port.name, shed.reason, shed.state);
+        }
+        let Some(slot) = admitted.slot else {
+            if port.name == PortName::Admission {
+                app.metrics.connection_refused();
+            }
+            debug!(%peer, port = port.name.as_str(), "Refused a connection: every one that could give way is busy");
             drop(stream);
             continue;
         };
         // Without TCP_NODELAY, headers and body written separately wait on Nagle and the
         // apiserver's delayed ACK: about 40 ms a call instead of about 2.
         let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let builder = Arc::clone(&builder);
-        let app = Arc::clone(&app);
-        let router = router.clone();
-        let stop = stop.clone();
-        let settings = settings.clone();
-        let counted = Arc::clone(&app);
-        let connection = async move {
-            let _permit = permit;
-            let tls =
-                match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        app.metrics.tls_handshake_failed();
-                        debug!(error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        app.metrics.tls_handshake_failed();
-                        debug!("TLS handshake timed out");
-                        return;
-                    }
-                };
-            let _open = OpenConnection::new(Arc::clone(&app));
-            let activity = Arc::new(Activity::default());
-            let service = Tracked {
-                inner: TowerToHyperService::new(router),
-                activity: Arc::clone(&activity),
-                app: Arc::clone(&app),
-            };
-            let conn = builder
-                .serve_connection(TokioIo::new(tls), service)
-                .into_owned();
-            serve_connection(conn, &activity, &settings, stop).await;
-        };
-        spawn_connection(counted, connection.instrument(info_span!("conn", %peer)));
+        let connection = serve_one(
+            Arc::clone(&port),
+            settings.clone(),
+            Arc::clone(&app),
+            stream,
+            slot,
+            stop.clone(),
+        );
+        let span = info_span!("conn", %peer, port = port.name.as_str());
+        spawn_connection(Arc::clone(&app), connection.instrument(span));
     }
     drop(listener);
     // Idle keep-alive connections close now (the apiserver pools them, kubernetes#127335);
-    // in-flight requests finish, within the grace period. Every connection task holds a permit.
-    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
-    let grace = settings.shutdown_grace + Duration::from_secs(1);
-    if tokio::time::timeout(grace, limit.acquire_many(all))
-        .await
-        .is_err()
-    {
-        warn!(grace = ?settings.shutdown_grace, "Connections still open after the grace period");
+    // in-flight requests finish, within the grace period. Every connection task holds a slot.
+    let deadline = Instant::now() + settings.shutdown_grace + Duration::from_secs(1);
+    while port.table.alive() > 0 {
+        if Instant::now() >= deadline {
+            warn!(grace = ?settings.shutdown_grace, port = port.name.as_str(), open = port.table.alive(), "Connections still open after the grace period");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// One connection, from its TLS handshake (on the admission port) to its end. It gives way at
+/// once when shed before its handshake is done.
+async fn serve_one(
+    port: Arc<Port>,
+    settings: Settings,
+    app: Arc<App>,
+    stream: TcpStream,
+    slot: Slot,
+    stop: watch::Receiver<bool>,
+) {
+    let conn = Arc::clone(&slot.conn);
+    let Some(acceptor) = &port.tls else {
+        conn.handshaken();
+        serve_io(&port, TokioIo::new(stream), &conn, &settings, &app, stop).await;
+        return;
+    };
+    let handshake = tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream));
+    // Shed first: a connection shed before its task ran (a burst of them) costs no crypto.
+    let tls = tokio::select! {
+        biased;
+        _ = conn.shed() => return,
+        done = handshake => match done {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                app.metrics.tls_handshake_failed();
+                debug!(error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                app.metrics.tls_handshake_failed();
+                debug!("TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    conn.handshaken();
+    let _open = OpenConnection::new(Arc::clone(&app));
+    serve_io(&port, TokioIo::new(tls), &conn, &settings, &app, stop).await;
+    drop(slot);
+}
+
+async fn serve_io<I>(
+    port: &Port,
+    io: I,
+    conn: &Conn,
+    settings: &Settings,
+    app: &Arc<App>,
+    stop: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = Tracked {
+        inner: TowerToHyperService::new(port.router.clone()),
+        activity: Arc::clone(&conn.activity),
+        app: Arc::clone(app),
+    };
+    let served = port.builder.serve_connection(io, service).into_owned();
+    serve_connection(served, conn, settings, stop).await;
 }
 
 /// Spawns one connection's task. A panic in it ends only that connection, and is counted in
@@ -354,54 +437,6 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.metrics.connection_closed();
-    }
-}
-
-/// What one connection's requests are doing: how many are in flight, whether any has started,
-/// and when the last one ended (milliseconds since the connection began).
-#[derive(Debug)]
-struct Activity {
-    born: Instant,
-    in_flight: AtomicUsize,
-    started: AtomicUsize,
-    last_end_ms: AtomicU64,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self {
-            born: Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            started: AtomicUsize::new(0),
-            last_end_ms: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Activity {
-    /// How long the connection has had nothing in flight, if it has nothing in flight now.
-    fn idle_for(&self, now: Instant) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        let since_born = now.saturating_duration_since(self.born);
-        let last = Duration::from_millis(self.last_end_ms.load(Ordering::Acquire));
-        Some(since_born.saturating_sub(last))
-    }
-}
-
-/// Marks one request in flight until dropped.
-struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let ms = Instant::now()
-            .saturating_duration_since(self.0.born)
-            .as_millis();
-        self.0
-            .last_end_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Release);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -447,9 +482,7 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Future = Pin<Box<dyn Future<Output = Result<RouterResponse, RouterError>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.activity.started.fetch_add(1, Ordering::AcqRel);
-        let in_flight = InFlight(Arc::clone(&self.activity));
+        let in_flight = self.activity.begin();
         // Unwind safety: what a handler shares with other requests is atomics, semaphores whose
         // permits its future returns as it is dropped, and locks that every user recovers from
         // poisoning; a panic leaves none of it half-changed.
@@ -473,21 +506,24 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
 /// Serves one connection until it ends, closing it gracefully (HTTP/2 GOAWAY; HTTP/1 closes
 /// once the response in flight is written) when the server stops, when it has been idle for
 /// `--idle-timeout` (or `--header-timeout` before its first request, as a client that sent only
-/// the HTTP/2 preface), or when it is `--max-connection-age` old; and closing it outright
-/// `--shutdown-grace` after that.
+/// the HTTP/2 preface), when it is `--max-connection-age` old, or when it is shed as idle; and
+/// closing it outright `--shutdown-grace` (a shed one: [`SHED_GRACE`]) after that, or at once
+/// when it is shed before its first request.
 async fn serve_connection<C>(
     conn: C,
-    activity: &Activity,
+    slot: &Conn,
     settings: &Settings,
     mut stop: watch::Receiver<bool>,
 ) where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
+    let activity = &slot.activity;
     let mut conn = std::pin::pin!(conn);
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut hard_close: Option<Instant> = None;
+    let mut shed = false;
     loop {
         let close_at = hard_close.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
@@ -497,16 +533,27 @@ async fn serve_connection<C>(
                 }
                 return;
             }
+            how = slot.shed(), if !shed => {
+                shed = true;
+                if how == Close::Now {
+                    debug!("Shed a connection that had sent no request");
+                    return;
+                }
+                debug!("Shed an idle connection, gracefully");
+                conn.as_mut().graceful_shutdown();
+                let by = Instant::now() + SHED_GRACE;
+                hard_close = Some(hard_close.map_or(by, |at| at.min(by)));
+            }
             () = stopped(&mut stop), if hard_close.is_none() => {
                 conn.as_mut().graceful_shutdown();
                 hard_close = Some(Instant::now() + settings.shutdown_grace);
             }
             _ = check.tick(), if hard_close.is_none() => {
                 let now = Instant::now();
-                let idle_limit = if activity.started.load(Ordering::Acquire) == 0 {
-                    settings.header_timeout
-                } else {
+                let idle_limit = if activity.has_started() {
                     settings.idle_timeout
+                } else {
+                    settings.header_timeout
                 };
                 let idle = activity.idle_for(now).is_some_and(|idle| idle >= idle_limit);
                 let old = now.saturating_duration_since(activity.born) >= settings.max_connection_age;
@@ -565,8 +612,7 @@ mod tests {
         let activity = Arc::new(Activity::default());
         let later = activity.born + Duration::from_secs(5);
         assert_eq!(activity.idle_for(later), Some(Duration::from_secs(5)));
-        activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        let request = InFlight(Arc::clone(&activity));
+        let request = activity.begin();
         assert_eq!(activity.idle_for(later), None);
         drop(request);
         assert!(

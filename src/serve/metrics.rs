@@ -82,6 +82,34 @@ label_values!(
 );
 
 label_values!(
+    /// The port a connection came to.
+    Port { Admission => "admission", Health => "health" }
+);
+
+label_values!(
+    /// Which limit made a connection give way (see `fair`).
+    ShedReason {
+        PeerPending => "peer_pending",
+        PeerConnections => "peer_connections",
+        MaxConnections => "max_connections",
+    }
+);
+
+label_values!(
+    /// What a connection that gave way had done.
+    ShedState {
+        // In its TLS handshake.
+        Handshake => "handshake",
+        // Connected, no request sent yet.
+        NoRequest => "no_request",
+        // Between requests; closed gracefully.
+        Idle => "idle",
+        // The new connection itself: every one that could give way was busy.
+        New => "new",
+    }
+);
+
+label_values!(
     /// The files that are polled and reloaded.
     Reloaded { Certificate => "certificate", ClientCa => "client_ca", Policy => "policy" }
 );
@@ -137,6 +165,13 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ShedLabels {
+    port: Port,
+    reason: ShedReason,
+    state: ShedState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReloadLabels {
     what: Reloaded,
     result: ReloadResult,
@@ -157,6 +192,27 @@ fn children<L: Copy, S: Clone + std::hash::Hash + Eq>(
     all.iter()
         .map(|l| family.get_or_create_owned(&labels(*l)))
         .collect()
+}
+
+/// `connections_shed`: a counter per port, reason and state, in their `ALL` orders.
+fn shed_counters(registry: &mut Registry) -> Vec<Counter> {
+    let family = Family::<ShedLabels, Counter>::default();
+    registry.register(
+        "connections_shed",
+        "Connections closed to keep within a connection limit, by port, the limit reached, and what the connection had done (new: the arriving one, refused)",
+        family.clone(),
+    );
+    let mut counters = Vec::new();
+    for port in Port::ALL {
+        for reason in ShedReason::ALL {
+            counters.extend(children(&family, ShedState::ALL, |state| ShedLabels {
+                port: *port,
+                reason: *reason,
+                state,
+            }));
+        }
+    }
+    counters
 }
 
 /// A metric of one series, registered under `name`.
@@ -185,6 +241,8 @@ pub struct Metrics {
     certificate_expiry: Gauge,
     connections_open: Gauge,
     connections_refused: Counter,
+    /// Indexed by port, reason, state (each in its `ALL` order).
+    connections_shed: Vec<Counter>,
     tls_handshake_failures: Counter,
     panics: Counter,
 }
@@ -265,8 +323,9 @@ impl Default for Metrics {
         let connections_refused: Counter = registered(
             &mut registry,
             "connections_refused",
-            "Connections closed at once because --max-connections were open",
+            "Admission connections closed at accept because a connection limit was reached and every connection that could give way was busy",
         );
+        let connections_shed = shed_counters(&mut registry);
         let tls_handshake_failures: Counter = registered(
             &mut registry,
             "tls_handshake_failures",
@@ -288,6 +347,7 @@ impl Default for Metrics {
             certificate_expiry,
             connections_open,
             connections_refused,
+            connections_shed,
             tls_handshake_failures,
             panics,
         }
@@ -368,6 +428,16 @@ impl Metrics {
         self.connections_refused.inc();
     }
 
+    /// Counts a connection closed to keep within a limit.
+    pub fn shed(&self, port: Port, reason: ShedReason, state: ShedState) {
+        let i = (index(Port::ALL, &port) * ShedReason::ALL.len() + index(ShedReason::ALL, &reason))
+            * ShedState::ALL.len()
+            + index(ShedState::ALL, &state);
+        if let Some(c) = self.connections_shed.get(i) {
+            c.inc();
+        }
+    }
+
     pub fn tls_handshake_failed(&self) {
         self.tls_handshake_failures.inc();
     }
@@ -432,6 +502,7 @@ mod tests {
         m.reload(Reloaded::Policy, false);
         m.reload(Reloaded::ClientCa, true);
         m.certificate_expiry(1_900_000_000);
+        m.shed(Port::Health, ShedReason::PeerPending, ShedState::NoRequest);
         assert_eq!(m.reloads(Reloaded::Policy), (0, 1));
         assert_eq!(m.reloads(Reloaded::ClientCa), (1, 0));
         let text = m.render();
@@ -452,6 +523,8 @@ mod tests {
             "outpost_webhook_connections_open 0",
             "outpost_webhook_connections_refused_total 0",
             "outpost_webhook_tls_handshake_failures_total 0",
+            "outpost_webhook_connections_shed_total{port=\"health\",reason=\"peer_pending\",state=\"no_request\"} 1",
+            "outpost_webhook_connections_shed_total{port=\"admission\",reason=\"max_connections\",state=\"new\"} 0",
             "outpost_webhook_panics_total 0",
             "# EOF",
         ] {

@@ -2,11 +2,13 @@
 //! its files, and drains on shutdown.
 //!
 //! Does network and file I/O; imports nothing from `cmd`. [`http`] is the request surface,
-//! [`listen`] the sockets, [`app`] the shared state, [`polled`] the file reloads, [`tls`] rustls,
-//! and [`metrics`] what Prometheus scrapes.
+//! [`listen`] the sockets, [`fair`] who may hold how many of them, [`app`] the shared state,
+//! [`budget`] the memory bound, [`polled`] the file reloads, [`tls`] rustls, and [`metrics`]
+//! what Prometheus scrapes.
 
 pub mod app;
 pub mod budget;
+pub mod fair;
 pub mod http;
 pub mod listen;
 pub mod metrics;
@@ -47,13 +49,59 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// How long a client may take to finish the TLS handshake.
     pub handshake_timeout: Duration,
-    /// Connections beyond this are closed at once.
+    /// Admission connections open at once, in every state: the memory bound. At the limit the
+    /// connection that has done the least gives way ([`fair`]).
     pub max_connections: usize,
+    /// Admission connections one peer address may hold.
+    pub max_connections_per_peer: usize,
+    /// Admission connections of one peer address in their TLS handshake or with no request yet.
+    pub max_pending_per_peer: usize,
+    /// Connections the health port holds at once; a peer may hold a quarter of them, and an
+    /// eighth may be pending.
+    pub health_max_connections: usize,
     /// A connection with no request in flight for this long is closed (gracefully: HTTP/2 gets a
     /// GOAWAY). One that has not started a request is closed after `header_timeout`.
     pub idle_timeout: Duration,
     /// A connection is closed gracefully once this old, so no client holds one forever.
     pub max_connection_age: Duration,
+}
+
+/// The default `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+/// The default `--max-connections-per-peer`: half the port, so one client never holds it all.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 64;
+/// The default `--max-pending-per-peer`: an apiserver opens a few connections at once; a flood
+/// of silent or slow ones gives way oldest first past this.
+pub const DEFAULT_MAX_PENDING_PER_PEER: usize = 32;
+/// The default `--health-max-connections`: the kubelet's probes and Prometheus.
+pub const DEFAULT_HEALTH_MAX_CONNECTIONS: usize = 32;
+
+impl Settings {
+    /// The admission port's connection limits.
+    #[must_use]
+    pub fn admission_limits(&self) -> fair::Limits {
+        fair::Limits {
+            max: self.max_connections,
+            per_peer: self.max_connections_per_peer,
+            pending_per_peer: self.max_pending_per_peer,
+        }
+    }
+
+    /// The health port's own, smaller limits.
+    #[must_use]
+    pub fn health_limits(&self) -> fair::Limits {
+        health_limits(self.health_max_connections)
+    }
+}
+
+/// The health port's limits for `--health-max-connections`.
+#[must_use]
+pub fn health_limits(max: usize) -> fair::Limits {
+    fair::Limits {
+        max,
+        per_peer: (max / 4).max(1),
+        pending_per_peer: (max / 8).max(1),
+    }
 }
 
 /// Where the serving certificate comes from.

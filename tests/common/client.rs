@@ -75,6 +75,32 @@ pub async fn tls_connect_as(
         .await
 }
 
+/// A TCP connection from the loopback address `local` (another client than 127.0.0.1, to the
+/// server's per-peer limits).
+pub async fn tcp_connect_from(
+    local: std::net::IpAddr,
+    addr: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    assert!(local.is_loopback() && addr.ip().is_loopback());
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(local, 0))?;
+    let tcp = socket.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// As [`tls_connect`], from the loopback address `local`.
+pub async fn tls_connect_from(
+    local: std::net::IpAddr,
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = tcp_connect_from(local, addr).await?;
+    TlsConnector::from(config)
+        .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
+        .await
+}
+
 /// An HTTP/1.1 keep-alive connection, as the apiserver pools towards Service webhooks.
 pub struct Http1 {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,

@@ -20,6 +20,9 @@ pub fn settings() -> Settings {
         header_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(2),
         max_connections: 64,
+        max_connections_per_peer: 64,
+        max_pending_per_peer: 32,
+        health_max_connections: 32,
         idle_timeout: Duration::from_secs(30),
         max_connection_age: Duration::from_secs(300),
     }

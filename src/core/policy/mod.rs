@@ -114,7 +114,10 @@ impl DeploymentFix {
         let mut out = BTreeSet::new();
         let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
         for env in &self.env {
-            let r = env.value.pointer("/valueFrom/secretKeyRef");
+            let r = env
+                .value
+                .get("valueFrom")
+                .and_then(|v| v.get("secretKeyRef"));
             if let (Some(name), Some(key)) = (
                 text(r.and_then(|r| r.get("name"))),
                 text(r.and_then(|r| r.get("key"))),
