@@ -1654,6 +1654,7 @@ async fn doctor_sends_reads_and_dry_runs_only_and_exactly_these() {
             format!("GET /apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices?"),
             format!("GET /api/v1/namespaces/{ns}/secrets/{OUTPOST}"),
             format!("GET /api/v1/namespaces/{ns}/secrets/goauthentik"),
+            format!("GET /apis/events.k8s.io/v1/namespaces/{ns}/events?"),
             format!("PATCH {svc}/{OUTPOST}?&dryRun=All {merge}"),
             format!("PATCH {deploy}/{OUTPOST}?&dryRun=All {merge}"),
         ]
