@@ -52,10 +52,12 @@ pub const BUNDLE: &str = "ca-bundle.crt";
 pub const NEXT_CA_CRT: &str = "next-ca.crt";
 pub const NEXT_CA_KEY: &str = "next-ca.key";
 
-/// How often the leader checks the Secret and the registration without a change, and how often a
-/// replica reads the registration until it trusts the CA served.
+/// How often the leader checks the Secret and the registration without a change.
 const CHECK_EVERY: Duration = Duration::from_secs(30);
+/// How often a replica reads the registration: often until it trusts the CA served (the replica is
+/// not ready until then), then now and again, to notice it being replaced.
 const REGISTRATION_POLL: Duration = Duration::from_secs(2);
+const REGISTRATION_RECHECK: Duration = Duration::from_secs(30);
 
 /// What `serve --tls-secret` was told.
 #[derive(Debug, Clone)]
@@ -273,7 +275,13 @@ async fn check_registration(client: Client, settings: Arc<Settings>, status: Arc
                 }
             }
         }
-        tokio::time::sleep(REGISTRATION_POLL).await;
+        let trusted = status.lock().trusted;
+        tokio::time::sleep(if trusted {
+            REGISTRATION_RECHECK
+        } else {
+            REGISTRATION_POLL
+        })
+        .await;
     }
 }
 
