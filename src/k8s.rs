@@ -60,6 +60,22 @@ pub fn valid_qualified_name(key: &str) -> bool {
     prefix_ok && !name.is_empty() && valid_label_value(name)
 }
 
+/// A DNS-1123 subdomain, as the names of most objects (a Secret's) must be: at most 253 of
+/// `[a-z0-9-.]`, each dot-separated part non-empty with alphanumeric ends.
+#[must_use]
+pub fn valid_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
+}
+
 /// A Kubernetes label value: empty, or 1-63 of `[A-Za-z0-9-_.]` with alphanumeric ends.
 #[must_use]
 pub fn valid_label_value(v: &str) -> bool {

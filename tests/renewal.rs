@@ -152,7 +152,7 @@ async fn self_managed_tls_renews_and_rolls_its_ca_under_load_with_no_failed_requ
     use kube::{Api, api::PostParams};
     use serde_json::{Value, json};
 
-    const FRONT: [u8; 4] = [127, 3, 0, 2];
+    let front = common::proxy::own_loopback();
     let cp = shared();
     let client = cp.client().await;
     let own = cp.namespace("selftls").await;
@@ -181,7 +181,7 @@ async fn self_managed_tls_renews_and_rolls_its_ca_under_load_with_no_failed_requ
     // The Service, as kube-proxy would route it.
     let external: Service = serde_json::from_value(json!({
         "metadata": {"name": "ow", "namespace": own},
-        "spec": {"type": "ExternalName", "externalName": "127.3.0.2"}}))
+        "spec": {"type": "ExternalName", "externalName": front.to_string()}}))
     .unwrap();
     Api::<Service>::namespaced(client.clone(), &own)
         .create(&PostParams::default(), &external)
@@ -205,7 +205,7 @@ async fn self_managed_tls_renews_and_rolls_its_ca_under_load_with_no_failed_requ
     };
     let a = replica("a");
     let b = replica("b");
-    let _front = ServiceProxy::start_on((FRONT, 443).into(), vec![a.addr, b.addr]);
+    let _front = ServiceProxy::start_on((front, 443).into(), vec![a.addr, b.addr]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while common::health_get(a.health, "/readyz").await.0 != 200
         || common::health_get(b.health, "/readyz").await.0 != 200
@@ -266,6 +266,30 @@ async fn self_managed_tls_renews_and_rolls_its_ca_under_load_with_no_failed_requ
         })
     };
 
+    // Both replicas stay ready throughout: under failurePolicy Fail, two unready replicas at
+    // once would be an outage, which the forwarder here (it ignores readiness) would hide.
+    let unready = {
+        let stop = Arc::clone(&stop);
+        let (a_health, b_health) = (a.health, b.health);
+        tokio::spawn(async move {
+            let mut unready = Vec::new();
+            let started = std::time::Instant::now();
+            // Bounded: the test stops it, or 10 minutes of samples.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(600)
+            {
+                for (name, health) in [("a", a_health), ("b", b_health)] {
+                    let (status, body) = common::health_get(health, "/readyz").await;
+                    if status != 200 {
+                        unready.push(format!("{name} at {:?}: {body}", started.elapsed()));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            unready
+        })
+    };
+
     // Watch the Secret until two serving certificates and one CA have followed the first.
     let secrets = Api::<Secret>::namespaced(client.clone(), &own);
     let key = |s: &Secret, k: &str| s.data.as_ref().and_then(|d| d.get(k)).map(|v| v.0.clone());
@@ -292,6 +316,8 @@ async fn self_managed_tls_renews_and_rolls_its_ca_under_load_with_no_failed_requ
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, failed) = load.await.unwrap();
+    let unready = unready.await.unwrap();
+    assert!(unready.is_empty(), "unready: {unready:?}");
     assert!(sent > 100, "only {sent} reviews sent");
     println!("{sent} reviews through two renewals and a CA roll");
     assert!(

@@ -119,9 +119,13 @@ pub fn fleet(n: usize) -> Fleet {
 #[must_use]
 pub fn cache(fleet: &Fleet) -> Cache {
     let cache = Cache::default();
+    let mut names = std::collections::BTreeSet::new();
     for d in &fleet.deployments {
-        cache.apply::<Deployment>(NAMESPACE, &serde_json::from_value(d.clone()).unwrap());
+        let d: Deployment = serde_json::from_value(d.clone()).unwrap();
+        names.insert(d.metadata.name.clone().unwrap_or_default());
+        cache.apply::<Deployment>(NAMESPACE, &d);
     }
+    cache.list_done::<Deployment>(NAMESPACE, None, &names);
     for s in &fleet.services {
         cache.apply::<Service>(NAMESPACE, &serde_json::from_value(s.clone()).unwrap());
     }

@@ -74,6 +74,9 @@ pub struct Cache {
     secret_status: RwLock<BTreeMap<(String, String), SecretStatus>>,
     /// The keys whose data changed in each Secret's latest change, for the reconciler's Events.
     changed_keys: RwLock<BTreeMap<(String, String), Vec<String>>>,
+    /// The namespaces whose Deployments have been listed: elsewhere (a refused watch) nobody
+    /// knows whether a standalone Deployment runs an outpost.
+    deployments_listed: RwLock<BTreeSet<String>>,
     /// Woken on every change, for the reconciler.
     pub changed: Notify,
 }
@@ -110,6 +113,17 @@ impl std::fmt::Display for Refusal {
 
 impl View for Cache {
     fn standalone(&self, namespace: &str, outpost: &Outpost<'_>) -> Option<bool> {
+        // Unknown, not "no", until the Deployments there have been listed: a refused watch must
+        // not read as "no standalone Deployment", which would restore every Service's old
+        // selector.
+        if !self
+            .deployments_listed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(namespace)
+        {
+            return None;
+        }
         self.read_snapshot().standalone(namespace, outpost)
     }
 
@@ -346,6 +360,20 @@ impl Cache {
         }
     }
 
+    /// A list of `K` in `namespace` is complete, as a watch's first list completes: what it did
+    /// not show (`listed`, by name) is gone, and for Deployments the namespace is known from now
+    /// on. The watchers do this; so can a bench or a test.
+    pub fn list_done<K: Resource<DynamicType = ()>>(
+        &self,
+        namespace: &str,
+        scope: Option<&str>,
+        listed: &BTreeSet<String>,
+    ) {
+        if let Some(kind) = Kind::of::<K>() {
+            self.relisted(kind, namespace, scope, listed);
+        }
+    }
+
     /// The outpost Services and Deployments as the cache keeps them (what the rules read), as
     /// compact JSON text: cheap to copy, parsed by the caller one at a time.
     #[must_use]
@@ -494,6 +522,12 @@ impl Cache {
         };
         for gone in held.iter().filter(|n| !listed.contains(*n)) {
             self.remove(kind, namespace, gone);
+        }
+        if kind == Kind::Deployment {
+            self.deployments_listed
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(namespace.to_owned());
         }
         if kind == Kind::Secret
             && let Some(name) = scope.and_then(|s| s.strip_prefix("metadata.name="))
@@ -706,12 +740,22 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_whose_deployments_were_never_listed_is_unknown_not_empty() {
+        let cache = Cache::default();
+        // The Deployment watch was refused: nobody knows, and `auto` keeps every selector.
+        assert_eq!(cache.standalone("authentik", &outpost("one")), None);
+        cache.relisted(Kind::Deployment, "authentik", None, &BTreeSet::new());
+        assert_eq!(cache.standalone("authentik", &outpost("one")), Some(false));
+    }
+
+    #[test]
     fn events_and_relists_keep_the_view_current() {
         let cache = Cache::default();
+        cache.relisted(Kind::Deployment, "authentik", None, &BTreeSet::new());
         cache.put(Kind::Deployment, "authentik", &deployment("a", "one"));
         cache.put(Kind::Deployment, "authentik", &deployment("b", "two"));
         assert_eq!(cache.standalone("authentik", &outpost("one")), Some(true));
-        assert_eq!(cache.standalone("other", &outpost("one")), Some(false));
+        assert_eq!(cache.standalone("other", &outpost("one")), None);
         cache.remove(Kind::Deployment, "authentik", "a");
         assert_eq!(cache.standalone("authentik", &outpost("one")), Some(false));
         // A re-list drops what is no longer there.

@@ -85,7 +85,7 @@ pub fn hold(
                         _ => {}
                     }
                     last = lease;
-                    tx.send_replace(held);
+                    publish(&tx, held);
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -122,6 +122,17 @@ pub fn hold(
         }
     });
     (rx, task)
+}
+
+/// Puts `held` in force; wakes the readers only when this replica starts or stops holding the
+/// Lease. A renewal only moves the deadline, which readers read when they act: waking them every
+/// `RETRY_PERIOD` would defeat the reconciler's backoff and resync.
+fn publish(tx: &watch::Sender<Option<Held>>, held: Option<Held>) {
+    tx.send_if_modified(|current| {
+        let changed = current.is_some() != held.is_some();
+        *current = held;
+        changed
+    });
 }
 
 async fn until(deadline: Option<Instant>) {

@@ -222,6 +222,12 @@ pub async fn run<P: Fn() -> Arc<Policy>>(r: Reconciler<P>, mut stop: watch::Rece
             continue;
         }
         let Plan { writes, held_back } = plan_all(&policy, &cache);
+        // Told once while it lasts; told again if it comes back after being resolved.
+        let now_held: BTreeSet<(String, String, Vec<String>)> = held_back
+            .iter()
+            .map(|h| (h.namespace.clone(), h.name.clone(), h.problems.clone()))
+            .collect();
+        told.retain(|k| now_held.contains(k));
         for held in held_back {
             let key = (
                 held.namespace.clone(),
@@ -300,7 +306,11 @@ async fn recorded(
         Err(e) => {
             metrics.write(write.kind, write.reason, false);
             refused_write(cache, write, &e);
-            events.refused(write, &e).await;
+            // A conflict (the object changed since it was read) is normal with a busy
+            // controller and is planned again: not worth a Warning Event.
+            if !matches!(&e, kube::Error::Api(s) if s.code == 409 || s.code == 422) {
+                events.refused(write, &e).await;
+            }
             false
         }
     }

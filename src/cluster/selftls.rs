@@ -31,7 +31,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 use tokio::{sync::Notify, task::JoinHandle};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     REQUEST_TIMEOUT,
@@ -144,16 +144,12 @@ pub fn start(
     let status = Arc::new(Status::default());
     let settings = Arc::new(settings);
     let tasks = vec![
-        tokio::spawn(follow_secret(
+        tokio::spawn(serve_secret(
+            client.clone(),
             watch_client.clone(),
             Arc::clone(&settings),
             Arc::clone(&status),
             install,
-        )),
-        tokio::spawn(check_registration(
-            client.clone(),
-            Arc::clone(&settings),
-            Arc::clone(&status),
         )),
         tokio::spawn(keep(
             client.clone(),
@@ -175,66 +171,191 @@ fn data(secret: &Secret) -> BTreeMap<String, Vec<u8>> {
         .unwrap_or_default()
 }
 
-/// Every replica: serve the Secret's certificate as it changes.
-async fn follow_secret(
+/// How long the registration must have trusted a new CA before a replica serves a certificate
+/// it signed in place of one the registration already trusts: the apiserver reads registrations
+/// through an informer, a moment behind.
+const INSTALL_GRACE: Duration = Duration::from_secs(3);
+
+/// A certificate from the Secret, signed by another CA than the one served, waiting until the
+/// registration trusts that CA.
+struct Pending {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Option<Vec<u8>>,
+    trusted_since: Option<tokio::time::Instant>,
+}
+
+/// Every replica: serve the Secret's certificate as it changes, and follow whether the
+/// registration trusts the CA served (readiness waits for it).
+///
+/// A certificate from the CA already served (a renewal) is served at once. One from another CA
+/// (after a roll, or a Secret made anew) is served only once the registration has trusted its CA
+/// for [`INSTALL_GRACE`], so a replica never swaps a certificate the apiserver accepts for one it
+/// does not; the first certificate, in place of the placeholder, is served at once (the replica
+/// is not ready until it is trusted). A registration that cannot be read leaves what was known.
+async fn serve_secret(
     client: Client,
+    watch_client: Client,
     settings: Arc<Settings>,
     status: Arc<Status>,
     install: Install,
 ) {
-    let api = Api::<Secret>::namespaced(client, &settings.namespace);
+    let secrets = Api::<Secret>::namespaced(watch_client, &settings.namespace);
     let config = watcher::Config::default()
         .fields(&format!("metadata.name={}", settings.secret))
         .timeout(super::cache::WATCH_TIMEOUT_SECONDS);
-    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut stream = watcher(secrets, config).default_backoff().boxed();
+    let registrations = Api::<MutatingWebhookConfiguration>::all(client);
     let mut installed: Option<(Vec<u8>, Vec<u8>)> = None;
-    while let Some(event) = stream.next().await {
-        let secret = match event {
-            Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => s,
-            Ok(watcher::Event::Delete(_)) => {
-                warn!(
-                    secret = %settings.secret,
-                    "The TLS Secret was deleted; serving the last certificate until the Lease \
-                     holder makes a new one"
-                );
-                continue;
+    let mut pending: Option<Pending> = None;
+    loop {
+        let settled = status.lock().trusted && pending.is_none();
+        let poll = if settled {
+            REGISTRATION_RECHECK
+        } else {
+            REGISTRATION_POLL
+        };
+        tokio::select! {
+            event = stream.next() => {
+                let Some(event) = event else { return };
+                if let Some(secret) = applied(&settings, event) {
+                    take(&secret, &install, &status, &mut installed, &mut pending, &settings);
+                }
             }
-            Ok(_) => continue,
+            () = tokio::time::sleep(poll) => {}
+        }
+        let trusted = match registrations.get_opt(&settings.registration).await {
+            Ok(r) => r.as_ref().and_then(trusted_cas).unwrap_or_default(),
             Err(e) => {
-                warn!(secret = %settings.secret, error = %e, "Watch of the TLS Secret failed; retrying");
+                debug!(registration = %settings.registration, error = %e, "Cannot read the registration; what was known stays");
                 continue;
             }
         };
-        let d = data(&secret);
-        let (Some(cert), Some(key)) = (d.get(TLS_CRT), d.get(TLS_KEY)) else {
-            continue;
-        };
-        let pair = (cert.clone(), key.clone());
-        if installed.as_ref() != Some(&pair) {
-            match install(cert, key) {
-                Ok(()) => {
-                    info!(secret = %settings.secret, "Serving the TLS Secret's certificate");
-                    installed = Some(pair);
+        let trusts =
+            |ca: &[u8]| !trusted.is_empty() && trusted.iter().all(|h| h.iter().any(|c| c == ca));
+        if let Some(p) = pending.as_mut() {
+            if p.ca.as_deref().is_some_and(trusts) {
+                let since = *p
+                    .trusted_since
+                    .get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= INSTALL_GRACE
+                    && let Some(p) = pending.take()
+                {
+                    serve(
+                        &p.cert,
+                        &p.key,
+                        p.ca,
+                        &install,
+                        &status,
+                        &mut installed,
+                        &settings,
+                    );
                 }
-                Err(e) => {
-                    warn!(secret = %settings.secret, error = %e, "Refused the TLS Secret's certificate; the old one stays");
-                    continue;
-                }
+            } else {
+                p.trusted_since = None;
             }
         }
-        let ca = d.get(CA_CRT).and_then(|p| pki::x509::first_certificate(p));
-        {
-            let mut inner = status.lock();
-            if inner.serving_ca != ca {
-                inner.trusted = false;
+        let mut inner = status.lock();
+        let now_trusted = inner.serving_ca.as_deref().is_some_and(trusts);
+        if now_trusted != inner.trusted {
+            inner.trusted = now_trusted;
+            if now_trusted {
+                info!(registration = %settings.registration, "The registration trusts the CA served");
+            } else {
+                warn!(registration = %settings.registration, "The registration does not trust the CA served; not ready until it does");
             }
-            inner.ca_not_after = ca.as_deref().and_then(pki::not_after);
-            inner.serving_not_after =
-                pki::x509::first_certificate(cert).and_then(|der| pki::not_after(&der));
-            inner.serving_ca = ca;
         }
-        status.changed.notify_waiters();
     }
+}
+
+/// The Secret of a watch event, when it was written.
+fn applied(
+    settings: &Settings,
+    event: Result<watcher::Event<Secret>, watcher::Error>,
+) -> Option<Secret> {
+    match event {
+        Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => Some(s),
+        Ok(watcher::Event::Delete(_)) => {
+            warn!(
+                secret = %settings.secret,
+                "The TLS Secret was deleted; serving the last certificate until the Lease holder \
+                 makes a new one"
+            );
+            None
+        }
+        Ok(_) => None,
+        Err(e) => {
+            warn!(secret = %settings.secret, error = %e, "Watch of the TLS Secret failed; retrying");
+            None
+        }
+    }
+}
+
+/// A new version of the Secret: its certificate served now, or kept pending (see
+/// [`serve_secret`]).
+fn take(
+    secret: &Secret,
+    install: &Install,
+    status: &Status,
+    installed: &mut Option<(Vec<u8>, Vec<u8>)>,
+    pending: &mut Option<Pending>,
+    settings: &Settings,
+) {
+    let d = data(secret);
+    let (Some(cert), Some(key)) = (d.get(TLS_CRT), d.get(TLS_KEY)) else {
+        return;
+    };
+    if installed
+        .as_ref()
+        .is_some_and(|(c, k)| c == cert && k == key)
+    {
+        *pending = None;
+        return;
+    }
+    let ca = d.get(CA_CRT).and_then(|p| pki::x509::first_certificate(p));
+    let served_ca = status.lock().serving_ca.clone();
+    if served_ca.is_none() || served_ca == ca {
+        *pending = None;
+        serve(cert, key, ca, install, status, installed, settings);
+    } else {
+        info!(secret = %settings.secret, "A certificate from another CA: served once the registration trusts it");
+        *pending = Some(Pending {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca,
+            trusted_since: None,
+        });
+    }
+}
+
+/// Hands a certificate to the TLS layer and notes what is served.
+fn serve(
+    cert: &[u8],
+    key: &[u8],
+    ca: Option<Vec<u8>>,
+    install: &Install,
+    status: &Status,
+    installed: &mut Option<(Vec<u8>, Vec<u8>)>,
+    settings: &Settings,
+) {
+    if let Err(e) = install(cert, key) {
+        warn!(secret = %settings.secret, error = %e, "Refused the TLS Secret's certificate; the old one stays");
+        return;
+    }
+    info!(secret = %settings.secret, "Serving the TLS Secret's certificate");
+    *installed = Some((cert.to_vec(), key.to_vec()));
+    {
+        let mut inner = status.lock();
+        inner.ca_not_after = ca.as_deref().and_then(pki::not_after);
+        inner.serving_not_after =
+            pki::x509::first_certificate(cert).and_then(|der| pki::not_after(&der));
+        if inner.serving_ca != ca {
+            // Checked against the registration at the next read, within moments.
+            inner.trusted = inner.trusted && ca.is_some() && inner.serving_ca.is_some();
+        }
+        inner.serving_ca = ca;
+    }
+    status.changed.notify_waiters();
 }
 
 /// The CA certificates (DER) of every webhook's caBundle in the registration, or `None` when a
@@ -249,40 +370,6 @@ fn trusted_cas(registration: &MutatingWebhookConfiguration) -> Option<Vec<Vec<Ve
             pki::x509::ca_bundle(&bundle.0).ok()
         })
         .collect()
-}
-
-/// Every replica: read the registration until its caBundle trusts the CA served.
-async fn check_registration(client: Client, settings: Arc<Settings>, status: Arc<Status>) {
-    let api = Api::<MutatingWebhookConfiguration>::all(client);
-    loop {
-        let wanted = status.lock().serving_ca.clone();
-        if let Some(ca) = wanted {
-            let trusted = match api.get_opt(&settings.registration).await {
-                Ok(Some(r)) => trusted_cas(&r).is_some_and(|hooks| {
-                    !hooks.is_empty() && hooks.iter().all(|h| h.contains(&ca))
-                }),
-                Ok(None) => false,
-                Err(e) => {
-                    warn!(registration = %settings.registration, error = %e, "Cannot read the registration");
-                    false
-                }
-            };
-            let mut inner = status.lock();
-            if inner.serving_ca.as_ref() == Some(&ca) && inner.trusted != trusted {
-                inner.trusted = trusted;
-                if trusted {
-                    info!(registration = %settings.registration, "The registration trusts the CA served");
-                }
-            }
-        }
-        let trusted = status.lock().trusted;
-        tokio::time::sleep(if trusted {
-            REGISTRATION_RECHECK
-        } else {
-            REGISTRATION_POLL
-        })
-        .await;
-    }
 }
 
 /// The Lease holder: keep the Secret and the registration's caBundle current.
@@ -473,6 +560,9 @@ async fn upkeep(
     if let Some(registration) = registration
         && !trusted_exactly(&registration, &d)
     {
+        if !may_act(leadership, REQUEST_TIMEOUT) {
+            return Ok(Pass::Wait { next_check: now });
+        }
         patch_registration(registrations, &registration, &d).await?;
         info!(registration = %settings.registration, "Self-managed TLS: set the registration's caBundle");
         return Ok(Pass::Wrote);
@@ -532,6 +622,7 @@ pub fn parse(d: &BTreeMap<String, Vec<u8>>, names: &[String]) -> Held {
     let cert = |key: &str| -> Option<Cert> {
         let der = pki::x509::first_certificate(d.get(key)?)?;
         Some(Cert {
+            not_before: pki::x509::not_before(&der)?,
             not_after: pki::not_after(&der)?,
             der,
         })
@@ -559,6 +650,7 @@ pub fn parse(d: &BTreeMap<String, Vec<u8>>, names: &[String]) -> Held {
         .into_iter()
         .filter_map(|der| {
             Some(Cert {
+                not_before: pki::x509::not_before(&der)?,
                 not_after: pki::not_after(&der)?,
                 der,
             })

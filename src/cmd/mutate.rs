@@ -53,6 +53,16 @@ pub fn execute(args: &MutateArgs) -> Result<(), Error> {
                 file: file.display().to_string(),
                 message: e.to_string(),
             })?;
+            if parsed
+                .iter()
+                .any(|d| d.get("kind").and_then(Value::as_str) == Some(admission::KIND))
+            {
+                return Err(OfflineError::File {
+                    file: file.display().to_string(),
+                    message: "an AdmissionReview is answered alone: give it as the only -f".into(),
+                }
+                .into());
+            }
             docs.extend(parsed);
             yaml |= was_yaml;
         }

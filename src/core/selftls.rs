@@ -12,6 +12,8 @@
 /// What one certificate in the Secret is, as far as the decision needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cert {
+    /// notBefore, Unix seconds.
+    pub not_before: i64,
     /// notAfter, Unix seconds.
     pub not_after: i64,
     /// The DER bytes: identity, for bundles.
@@ -96,10 +98,12 @@ pub fn decide(held: &Held, now: i64, lifetimes: Lifetimes, trusted_since: Option
     } else if ca.not_after - now < lifetimes.ca_seconds / 3 {
         return Step::StartCaRoll;
     }
+    // Two thirds into its own life: a certificate cut short by its CA's expiry is renewed at two
+    // thirds of what it got, never at once on every pass.
     let serving_renew_at = held
         .serving
         .as_ref()
-        .map(|s| s.cert.not_after - lifetimes.serving_seconds / 3);
+        .map(|s| s.cert.not_before + (s.cert.not_after - s.cert.not_before) * 2 / 3);
     match (&held.serving, serving_renew_at) {
         (Some(s), Some(at)) if s.signed_by_ca && s.names_match && now < at => {}
         _ => return Step::RenewServing,
@@ -146,7 +150,9 @@ mod tests {
     const DAY: i64 = 86_400;
 
     fn cert(tag: u8, not_after: i64) -> Cert {
+        // Issued a year before it expires (a CA's is longer, but only its end is read).
         Cert {
+            not_before: not_after - 365 * DAY,
             not_after,
             der: vec![tag],
         }
@@ -214,7 +220,8 @@ mod tests {
         assert_eq!(decide(&h, late, l, Some(0)), Step::StartCaRoll);
         h.next_ca = Some(cert(3, late + 5 * 365 * DAY));
         h.bundle.push(cert(3, late + 5 * 365 * DAY));
-        h.serving.as_mut().unwrap().cert.not_after = late + 300 * DAY;
+        let serving = &mut h.serving.as_mut().unwrap().cert;
+        (serving.not_before, serving.not_after) = (late, late + 300 * DAY);
         // Not yet in the registration: keep serving from the current CA.
         assert!(matches!(decide(&h, late, l, None), Step::Wait { .. }));
         // Trusted, but the apiserver may not have read it yet: wait out the grace.
@@ -236,6 +243,20 @@ mod tests {
         let mut lost = healthy(0);
         lost.bundle = vec![cert(9, 10 * 365 * DAY)];
         assert_eq!(decide(&lost, 60, l, Some(0)), Step::PruneBundle);
+    }
+
+    #[test]
+    fn a_certificate_cut_short_by_its_ca_is_renewed_at_two_thirds_of_what_it_got() {
+        let l = Lifetimes::default();
+        let mut h = healthy(0);
+        // Issued at 1,000 with 300 s left on its CA, so 300 s long, not a year.
+        let serving = &mut h.serving.as_mut().unwrap().cert;
+        (serving.not_before, serving.not_after) = (1000, 1300);
+        assert_eq!(
+            decide(&h, 1100, l, Some(0)),
+            Step::Wait { next_check: 1200 }
+        );
+        assert_eq!(decide(&h, 1200, l, Some(0)), Step::RenewServing);
     }
 
     #[test]

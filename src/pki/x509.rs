@@ -13,6 +13,13 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
     Some(cert.validity().not_after.timestamp())
 }
 
+/// The `notBefore` of a DER certificate, in Unix seconds; `None` when it does not parse.
+#[must_use]
+pub fn not_before(der: &[u8]) -> Option<i64> {
+    let (_, cert) = parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_before.timestamp())
+}
+
 /// The DER of the first PEM `CERTIFICATE` block in `pem`.
 #[must_use]
 pub fn first_certificate(pem: &[u8]) -> Option<Vec<u8>> {

@@ -160,6 +160,11 @@ pub enum ServeError {
          with --cluster on"
     )]
     SelfTlsWithoutCluster,
+    #[error(
+        "--tls-cert-validity ({cert} s) must be at most a third of --tls-ca-validity ({ca} s): the \
+         CA is rolled with a third of its life left, and a certificate must fit in that"
+    )]
+    SelfTlsLifetimes { cert: i64, ca: i64 },
     #[error("cannot write the development CA bundle to {path}")]
     WriteCa {
         path: String,
@@ -320,6 +325,14 @@ async fn start_cluster(
     app: &Arc<App>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<crate::cluster::Running>, ServeError> {
+    if let Some(tls) = &settings.tls
+        && tls.lifetimes.serving_seconds > tls.lifetimes.ca_seconds / 3
+    {
+        return Err(ServeError::SelfTlsLifetimes {
+            cert: tls.lifetimes.serving_seconds,
+            ca: tls.lifetimes.ca_seconds,
+        });
+    }
     let Some(clients) = crate::cluster::client(settings.mode).await? else {
         if settings.tls.is_some() {
             return Err(ServeError::SelfTlsWithoutCluster);

@@ -140,8 +140,10 @@ pub fn replica(
     name: &str,
     extra: &[&str],
 ) -> Command {
-    let mut command = Command::new(super::process::BIN);
+    // Killed with the test binary, however it ends (the parent-death signal).
+    let mut command = Command::new("setpriv");
     command
+        .args(["--pdeathsig", "KILL", "--", super::process::BIN])
         .env("KUBECONFIG", kubeconfig)
         .env("POD_NAME", name)
         .env_remove("POD_NAMESPACE")

@@ -87,9 +87,21 @@ impl Pod {
              cp '{src}/token' '{src}/ca.crt' '{src}/namespace' $d/; exec \"$0\" \"$@\"",
             src = secrets.path().display()
         );
-        let mut command = Command::new("unshare");
+        // Killed with the test binary, however it ends (the parent-death signal, as the control
+        // plane's processes are).
+        let mut command = Command::new("setpriv");
         command
-            .args(["-m", "sh", "-c", &script, BIN])
+            .args([
+                "--pdeathsig",
+                "KILL",
+                "--",
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                &script,
+                BIN,
+            ])
             .args(rewritten(spec))
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())

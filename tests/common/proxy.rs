@@ -17,6 +17,18 @@ use tokio::{
     sync::{oneshot, watch},
 };
 
+/// A loopback address of this test binary's own (127.3.x.y from the process id and a count), for
+/// a forwarder on a fixed port such as 443: two test runs on one machine do not collide.
+pub fn own_loopback() -> std::net::Ipv4Addr {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let id = std::process::id()
+        .wrapping_mul(7)
+        .wrapping_add(u32::try_from(n).unwrap());
+    let [_, _, x, y] = id.to_be_bytes();
+    std::net::Ipv4Addr::new(127, 3, x, y.max(1))
+}
+
 pub struct ServiceProxy {
     pub addr: SocketAddr,
     backends: Arc<Mutex<Vec<SocketAddr>>>,
@@ -59,6 +71,8 @@ impl ServiceProxy {
                 let accept = async {
                     loop {
                         let Ok((inbound, _)) = listener.accept().await else {
+                            // Out of descriptors, say: wait rather than spin.
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                             continue;
                         };
                         let backends = shared.lock().unwrap().clone();

@@ -160,6 +160,14 @@ fn compile_deployment(cx: &Cx<'_>, d: FileDeployment) -> Result<RuleDeployment, 
         check_env(e).map(String::from)
     })?;
     out.volumes = compile_keyed::<Volume>(cx, "deployment.volumes", d.volumes, "name", |v| {
+        if let Some(name) = v.secret.as_ref().and_then(|s| s.secret_name.as_deref())
+            && !crate::k8s::valid_subdomain(name)
+        {
+            return Some(
+                "secret.secretName: must be a Secret name (lowercase letters, digits, '-' and '.')"
+                    .to_owned(),
+            );
+        }
         let size = v.empty_dir.as_ref()?.size_limit.as_ref()?;
         (!valid_non_negative_quantity(&size.0))
             .then(|| quantity_problem("emptyDir.sizeLimit", &size.0))
@@ -248,6 +256,14 @@ fn check_env(e: &EnvVar) -> Option<&'static str> {
     if let Some(r) = &from.secret_key_ref {
         if r.name.is_empty() {
             return Some("valueFrom.secretKeyRef.name: must not be empty");
+        }
+        // The cache watches the Secret by `metadata.name=<name>`: a name no Secret can have
+        // would make that watch fail forever.
+        if !crate::k8s::valid_subdomain(&r.name) {
+            return Some(
+                "valueFrom.secretKeyRef.name: must be a Secret name (lowercase letters, digits, \
+                 '-' and '.')",
+            );
         }
         if r.key.is_empty() {
             return Some("valueFrom.secretKeyRef.key: must not be empty");

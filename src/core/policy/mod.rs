@@ -549,6 +549,25 @@ rules:
     }
 
     #[test]
+    fn a_secret_name_no_secret_can_have_is_refused() {
+        for name in ["'a,b'", "Goauthentik", "'-x'"] {
+            let e = invalid(&format!(
+                "rules: [{{deployment: {{env: [{{name: A, valueFrom: {{secretKeyRef: {{name: {name}, key: k}}}}}}]}}}}]"
+            ));
+            assert!(
+                e.ends_with("valueFrom.secretKeyRef.name: must be a Secret name (lowercase letters, digits, '-' and '.')"),
+                "{name}: {e}"
+            );
+        }
+        let e =
+            invalid("rules: [{deployment: {volumes: [{name: v, secret: {secretName: 'A_B'}}]}}]");
+        assert!(
+            e.contains("secret.secretName: must be a Secret name"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn negative_replicas_are_refused() {
         let e = invalid("rules:\n- deployment:\n    replicas: -1\n");
         assert_eq!(
