@@ -20,7 +20,7 @@ mod common;
 use std::{
     collections::BTreeMap,
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -407,22 +407,10 @@ async fn the_apiserver_applies_the_webhooks_patches_and_the_controllers_patch_co
 
 /// `kubectl apply --dry-run=server -o json` of `object`: the object as admission left it.
 fn kubectl_apply_dry_run(cp: &ControlPlane, object: &Value) -> Value {
-    use std::io::Write as _;
-    let mut child = cp
-        .kubectl()
-        .args(["apply", "--dry-run=server", "-o", "json", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(object.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = cp.kubectl_with(
+        &["apply", "--dry-run=server", "-o", "json", "-f", "-"],
+        &object.to_string(),
+    );
     assert!(
         out.status.success(),
         "kubectl apply --dry-run=server: {}",
@@ -433,22 +421,7 @@ fn kubectl_apply_dry_run(cp: &ControlPlane, object: &Value) -> Value {
 
 /// `kubectl apply -f -` of `text` as the admin; its output.
 fn kubectl_apply(cp: &ControlPlane, text: &str) -> String {
-    use std::io::Write as _;
-    let mut child = cp
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = cp.kubectl_with(&["apply", "-f", "-"], text);
     assert!(
         out.status.success(),
         "kubectl apply: {}",
@@ -1011,22 +984,10 @@ async fn before_its_registration_the_leader_writes_the_whole_fix_or_nothing() {
 
 /// `kubectl create --dry-run=server` of `object`: the warnings kubectl prints.
 fn dry_run_warnings(cp: &ControlPlane, object: &Value) -> String {
-    use std::io::Write as _;
-    let mut child = cp
-        .kubectl()
-        .args(["create", "--dry-run=server", "-o", "name", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(object.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = cp.kubectl_with(
+        &["create", "--dry-run=server", "-o", "name", "-f", "-"],
+        &object.to_string(),
+    );
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(out.status.success(), "{stderr}");
     stderr

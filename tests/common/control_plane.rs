@@ -474,6 +474,26 @@ impl ControlPlane {
         command
     }
 
+    /// `kubectl args...` as the admin with `input` on its stdin; its output, whatever its status.
+    pub fn kubectl_with(&self, args: &[&str], input: &str) -> std::process::Output {
+        use std::io::Write as _;
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
     /// A new namespace named `<prefix>-<n>`, unique in this test binary.
     pub async fn namespace(&self, prefix: &str) -> String {
         static N: AtomicUsize = AtomicUsize::new(0);
