@@ -229,6 +229,11 @@ fn record(lease: &Lease) -> Record {
         holder: spec.and_then(|s| s.holder_identity.clone()),
         resource_version: lease.metadata.resource_version.clone().unwrap_or_default(),
         transitions: spec.and_then(|s| s.lease_transitions).unwrap_or(0),
+        duration: spec
+            .and_then(|s| s.lease_duration_seconds)
+            .and_then(|d| u64::try_from(d).ok())
+            .filter(|d| *d > 0)
+            .map_or(LEASE_DURATION, Duration::from_secs),
     }
 }
 

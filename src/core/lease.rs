@@ -32,6 +32,9 @@ pub struct Record {
     pub resource_version: String,
     /// `spec.leaseTransitions`.
     pub transitions: i32,
+    /// `spec.leaseDurationSeconds`, as its holder declared it (client-go reads the same): how long
+    /// the record must stand still before another may take it.
+    pub duration: Duration,
 }
 
 /// What this replica remembers of the Lease between reads: the last record it saw and when it
@@ -76,7 +79,8 @@ pub enum Step {
 }
 
 /// Decides what `me` does with `record`, which has stood unchanged for `unchanged_for` as this
-/// replica has seen it (`None`: no Lease exists).
+/// replica has seen it (`None`: no Lease exists). Another holder's Lease is taken once it has stood
+/// still for the duration that holder declared.
 #[must_use]
 pub fn decide(me: &str, record: Option<&Record>, unchanged_for: Duration) -> Step {
     let Some(record) = record else {
@@ -87,7 +91,7 @@ pub fn decide(me: &str, record: Option<&Record>, unchanged_for: Duration) -> Ste
             transitions: record.transitions,
             acquired: false,
         },
-        Some(holder) if unchanged_for < LEASE_DURATION => Step::Follow {
+        Some(holder) if unchanged_for < record.duration => Step::Follow {
             holder: holder.to_owned(),
         },
         // Released, or its holder stopped renewing it a lease duration ago.
@@ -132,6 +136,7 @@ mod tests {
             holder: holder.map(str::to_owned),
             resource_version: version.into(),
             transitions: 3,
+            duration: LEASE_DURATION,
         }
     }
 
@@ -178,6 +183,20 @@ mod tests {
                 acquired: true
             }
         );
+    }
+
+    #[test]
+    fn the_duration_its_holder_declared_is_the_one_waited_for() {
+        let mut long = record(Some("b"), "1");
+        long.duration = Duration::from_secs(600);
+        assert_eq!(
+            decide("a", Some(&long), LEASE_DURATION * 2),
+            Step::Follow { holder: "b".into() }
+        );
+        assert!(matches!(
+            decide("a", Some(&long), Duration::from_secs(600)),
+            Step::Hold { acquired: true, .. }
+        ));
     }
 
     #[test]

@@ -191,7 +191,7 @@ pub fn watch_grants(secrets: &BTreeSet<String>) -> BTreeSet<Grant> {
     wanted
 }
 
-/// What the Lease Role must grant: what kube-lease-manager calls, get and patch on the one name,
+/// What the Lease Role must grant: get and update on the one name (src/cluster/lease.rs),
 /// and create, which RBAC cannot limit by name.
 pub fn lease_grants() -> BTreeSet<Grant> {
     let mut lease = grant(
