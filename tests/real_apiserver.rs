@@ -55,6 +55,9 @@ const CONFIG_CHECKSUM: &str = "outpost-webhook/config-checksum";
 const ORIGINAL_SELECTOR: &str = "outpost-webhook/original-selector";
 /// The issue's bound for the Service to follow its pods and for a Secret change to roll.
 const BOUND: Duration = Duration::from_secs(10);
+/// Waits that no issue bounds (the apiserver's informer taking in a new registration, a fresh
+/// replica's first pass): generous, so that a loaded machine does not fail them.
+const SETTLE: Duration = Duration::from_secs(30);
 /// A Lease taken over after its holder died: the Lease duration (15 s) and a margin.
 const TAKEOVER: Duration = Duration::from_secs(30);
 
@@ -196,7 +199,7 @@ async fn register(cp: &ControlPlane, name: &str, namespace: &str, url: &str, ca:
     };
     let probe = embedded_deployment(namespace);
     wait_for(
-        BOUND,
+        SETTLE,
         "the apiserver calls the new registration",
         || async {
             let d = deployments.create(&dry_run, &probe).await.ok()?;
@@ -946,8 +949,9 @@ async fn before_its_registration_the_leader_writes_the_whole_fix_or_nothing() {
     );
     let certs = temp_dir("unregistered-certs");
     certs_into(&certs);
-    let _served = spawn_served(replica(&cp.kubeconfig, &certs, &ns, "a", &[]));
-    let fixed = wait_for(BOUND, "the leader converges the Deployment", || async {
+    let mut served = spawn_served(replica(&cp.kubeconfig, &certs, &ns, "a", &[]));
+    "a".clone_into(&mut served.label);
+    let fixed = wait_for(SETTLE, "the leader converges the Deployment", || async {
         let d = deployments.get(OUTPOST).await.ok()?;
         // Every version seen: a checksum comes with the env it belongs to.
         let injected = env_names(&d)
@@ -963,7 +967,7 @@ async fn before_its_registration_the_leader_writes_the_whole_fix_or_nothing() {
     assert!(template_annotation(&fixed, SECRET_CHECKSUM).is_some());
     assert!(template_annotation(&fixed, CONFIG_CHECKSUM).is_some());
     assert_eq!(generation(&fixed), 2, "one write");
-    let events = wait_for(BOUND, "an Event on the Deployment", || async {
+    let events = wait_for(SETTLE, "an Event on the Deployment", || async {
         let e = events_on(&client, &ns, "Deployment", OUTPOST).await;
         (!e.is_empty()).then_some(e)
     })
@@ -1448,7 +1452,7 @@ async fn the_chart_installs_with_self_managed_tls_and_its_webhook_answers_the_ap
 
     // The apiserver calls the webhook the chart registered, through the Service.
     let mutated = wait_for(
-        BOUND,
+        SETTLE,
         "a dry run of an outpost Deployment is mutated",
         || async {
             let d = Api::<Deployment>::namespaced(client.clone(), WATCHED)

@@ -311,6 +311,9 @@ impl Cache {
         if pending.is_empty() {
             self.settled_once
                 .store(true, std::sync::atomic::Ordering::Relaxed);
+            // The reconciler waits for the whole view before it plans; an empty list stores
+            // nothing that would wake it.
+            self.changed.notify_one();
         }
     }
 

@@ -170,7 +170,7 @@ pub struct Reconciler<P> {
 
 /// Runs until `stop` turns true: plans on every change and resync, and writes while the Lease is
 /// this replica's.
-pub async fn run<P: Fn() -> Arc<Policy>>(r: Reconciler<P>, mut stop: watch::Receiver<bool>) {
+pub async fn run<P: Fn() -> Arc<Policy> + Sync>(r: Reconciler<P>, mut stop: watch::Receiver<bool>) {
     let Reconciler {
         clients,
         cache,
@@ -196,18 +196,21 @@ pub async fn run<P: Fn() -> Arc<Policy>>(r: Reconciler<P>, mut stop: watch::Rece
         } else {
             backoff(failures, pace.max_backoff)
         };
-        // After a failed pass only the backoff (or a change of leadership) ends the wait: a busy
-        // cache must not turn retries of a refused write into a hot loop.
-        tokio::select! {
-            () = cache.changed.notified(), if failures == 0 => {}
-            changed = leadership.changed(), if lease_alive => lease_alive = changed.is_ok(),
-            () = tokio::time::sleep(wait) => {}
-            _ = check.tick() => {
-                if policy().secret_names() == cache.followed_secrets() {
-                    continue;
-                }
-            }
-            () = stopped(&mut stop) => return,
+        let woken = wake(
+            Wait {
+                changes: (failures == 0).then_some(&cache.changed),
+                leadership: lease_alive.then_some(&mut leadership),
+                due: Instant::now() + wait,
+                check: &mut check,
+                policy_moved: &|| policy().secret_names() != cache.followed_secrets(),
+            },
+            &mut stop,
+        )
+        .await;
+        match woken {
+            Wake::Stop => return,
+            Wake::LeaseTaskGone => lease_alive = false,
+            Wake::Pass => {}
         }
         let policy = policy();
         secrets.follow(&cache, &clients.watch, &policy);
@@ -216,8 +219,12 @@ pub async fn run<P: Fn() -> Arc<Policy>>(r: Reconciler<P>, mut stop: watch::Rece
             // Not leading: the next change of leadership wakes the loop.
             continue;
         }
-        if !cache.synced() || !may_act(&leadership, REQUEST_TIMEOUT) {
-            // Leading, but the view is incomplete or the Lease is being renewed: soon again.
+        if !cache.synced() {
+            // Leading, but the view is incomplete: its last watcher to list wakes the loop.
+            continue;
+        }
+        if !may_act(&leadership, REQUEST_TIMEOUT) {
+            // Leading, but the Lease is being renewed: soon again.
             failures = failures.max(1);
             continue;
         }
@@ -270,6 +277,68 @@ pub async fn run<P: Fn() -> Arc<Policy>>(r: Reconciler<P>, mut stop: watch::Rece
             0
         };
         debug!(failures, "Reconcile pass done");
+    }
+}
+
+/// What ends the reconciler's wait between passes.
+struct Wait<'a> {
+    /// The cache's change signal; `None` after a failed pass, when only the backoff (or a change
+    /// of leadership) ends the wait: a busy cache must not turn retries of a refused write into
+    /// a hot loop.
+    changes: Option<&'a tokio::sync::Notify>,
+    /// `None` once the Lease task is gone (its receiver would answer at once, every time).
+    leadership: Option<&'a mut Leadership>,
+    /// When the next pass is due (the resync or the backoff).
+    due: Instant,
+    /// The policy check, which ticks more often than any wait.
+    check: &'a mut tokio::time::Interval,
+    /// Whether the policy in force now names other Secrets than the watched ones.
+    policy_moved: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// Why the wait ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Wake {
+    Pass,
+    /// The Lease task ended: pass once more, then wait without it.
+    LeaseTaskGone,
+    Stop,
+}
+
+/// Waits for a reason to pass. A policy check that finds nothing new does not restart the wait:
+/// it ticks more often than any backoff, which would then never end.
+async fn wake(w: Wait<'_>, stop: &mut watch::Receiver<bool>) -> Wake {
+    let Wait {
+        changes,
+        mut leadership,
+        due,
+        check,
+        policy_moved,
+    } = w;
+    loop {
+        tokio::select! {
+            () = async {
+                match changes {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => return Wake::Pass,
+            changed = async {
+                match leadership.as_mut() {
+                    Some(l) => l.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                return if changed.is_ok() { Wake::Pass } else { Wake::LeaseTaskGone };
+            }
+            () = tokio::time::sleep_until(due) => return Wake::Pass,
+            _ = check.tick() => {
+                if policy_moved() {
+                    return Wake::Pass;
+                }
+            }
+            () = stopped(stop) => return Wake::Stop,
+        }
     }
 }
 
@@ -434,6 +503,82 @@ pub(super) fn backoff(failures: u32, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The policy check ticks every 2 s, as often as the first backoff: a tick that finds
+    /// nothing new must not restart the wait, or the pass after a failure comes late or never.
+    #[tokio::test(start_paused = true)]
+    async fn a_policy_check_that_finds_nothing_does_not_restart_the_wait() {
+        let start = Instant::now();
+        let mut check = tokio::time::interval(POLICY_CHECK);
+        let (_keep, mut stop) = watch::channel(false);
+        let (lease, mut leadership) = watch::channel(None);
+        let notify = tokio::sync::Notify::new();
+        // The check's ticks land just before the due time, again and again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let due = Instant::now() + Duration::from_secs(9);
+        let woken = tokio::time::timeout(
+            Duration::from_secs(60),
+            wake(
+                Wait {
+                    changes: None,
+                    leadership: Some(&mut leadership),
+                    due,
+                    check: &mut check,
+                    policy_moved: &|| false,
+                },
+                &mut stop,
+            ),
+        )
+        .await;
+        assert_eq!(woken, Ok(Wake::Pass));
+        assert_eq!(Instant::now(), due);
+        // A change of the cache ends the wait at once, unless a failed pass turned it off.
+        notify.notify_one();
+        let woken = wake(
+            Wait {
+                changes: Some(&notify),
+                leadership: None,
+                due: Instant::now() + Duration::from_secs(60),
+                check: &mut check,
+                policy_moved: &|| false,
+            },
+            &mut stop,
+        )
+        .await;
+        assert_eq!(
+            (woken, start.elapsed()),
+            (Wake::Pass, Duration::from_millis(9_500))
+        );
+        // A policy that names other Secrets ends it at the next check.
+        let woken = wake(
+            Wait {
+                changes: None,
+                leadership: None,
+                due: Instant::now() + Duration::from_secs(60),
+                check: &mut check,
+                policy_moved: &|| true,
+            },
+            &mut stop,
+        )
+        .await;
+        assert_eq!(
+            (woken, start.elapsed()),
+            (Wake::Pass, Duration::from_secs(10))
+        );
+        drop(lease);
+        let woken = wake(
+            Wait {
+                changes: None,
+                leadership: Some(&mut leadership),
+                due: Instant::now() + Duration::from_secs(60),
+                check: &mut check,
+                policy_moved: &|| false,
+            },
+            &mut stop,
+        )
+        .await;
+        assert_eq!(woken, Wake::LeaseTaskGone);
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {

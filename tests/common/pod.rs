@@ -37,21 +37,6 @@ pub struct Pod {
     _secrets: TempDir,
 }
 
-impl Drop for Pod {
-    fn drop(&mut self) {
-        // A failing test shows what each replica logged.
-        if std::thread::panicking() {
-            eprintln!(
-                "--- {} logged:\n{}",
-                self.name,
-                self.served.lines_so_far().join("\n")
-            );
-        }
-        let _ = self.served.child.kill();
-        let _ = self.served.child.wait();
-    }
-}
-
 /// The container args with each volume's mount path mapped to its directory here, and the
 /// listen addresses moved to ephemeral loopback ports (two replicas share this machine).
 fn rewritten(spec: &PodSpec<'_>) -> Vec<String> {
@@ -109,8 +94,10 @@ impl Pod {
             .env("KUBERNETES_SERVICE_PORT", cp.port.to_string())
             .env("POD_NAME", spec.name)
             .env("POD_NAMESPACE", spec.namespace);
+        let mut served = spawn_served(command);
+        spec.name.clone_into(&mut served.label);
         Self {
-            served: spawn_served(command),
+            served,
             name: spec.name.to_owned(),
             _secrets: secrets,
         }

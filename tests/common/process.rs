@@ -52,6 +52,8 @@ pub struct Served {
     pub log: Vec<String>,
     pub addr: std::net::SocketAddr,
     pub health: std::net::SocketAddr,
+    /// Who this is, in the log a failing test prints.
+    pub label: String,
 }
 
 impl Served {
@@ -107,6 +109,11 @@ impl Served {
 /// A test that fails before it stops its server must not leave the process running.
 impl Drop for Served {
     fn drop(&mut self) {
+        // A failing test shows what the process logged.
+        if std::thread::panicking() {
+            let log = self.lines_so_far().join("\n");
+            eprintln!("--- {} logged:\n{log}", self.label);
+        }
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -161,6 +168,7 @@ pub fn start_served(mut command: Command) -> Served {
         log: Vec::new(),
         addr: "0.0.0.0:0".parse().unwrap(),
         health: "0.0.0.0:0".parse().unwrap(),
+        label: "serve".into(),
     }
 }
 
