@@ -17,7 +17,10 @@ pub mod selftls;
 use std::{sync::Arc, time::Duration};
 
 use kube::{Client, Config};
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    sync::watch,
+    task::{AbortHandle, JoinHandle},
+};
 use tracing::info;
 
 pub use cache::Cache;
@@ -148,14 +151,59 @@ pub struct Running {
     pub metrics: Arc<metrics::Metrics>,
     /// Self-managed TLS, when on: readiness waits for it.
     pub tls: Option<Arc<selftls::Status>>,
+    aborts: Vec<AbortHandle>,
+    /// Every task, until [`Running::ended`] takes them.
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
     /// Stops the watchers, the Lease and the reconciler.
     pub fn abort(&self) {
-        for t in &self.tasks {
+        for t in &self.aborts {
             t.abort();
+        }
+    }
+
+    /// Resolves when one of the tasks ends. Each runs until the stop signal, so before it this
+    /// is a fault (a panic): a replica whose reconciler is gone but whose Lease task renews
+    /// would hold the Lease and write nothing, and one whose watchers are gone would answer
+    /// from a view that no longer moves. The caller stops the process, which releases the
+    /// Lease; the kubelet restarts it. Never resolves when there are no tasks.
+    pub async fn ended(&mut self) -> TaskEnded {
+        let tasks = std::mem::take(&mut self.tasks);
+        first_ended(tasks).await
+    }
+}
+
+/// How a task of the cluster view ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskEnded {
+    #[error("a task of the cluster view panicked: {0}")]
+    Panicked(String),
+    #[error("a task of the cluster view ended before the stop signal")]
+    Returned,
+}
+
+/// The first of `tasks` to end, and how.
+async fn first_ended(tasks: Vec<JoinHandle<()>>) -> TaskEnded {
+    if tasks.is_empty() {
+        return std::future::pending().await;
+    }
+    let (ended, _, _) = futures::future::select_all(tasks).await;
+    match ended {
+        Ok(()) => TaskEnded::Returned,
+        Err(e) => {
+            let message = e.try_into_panic().map_or_else(
+                |e| e.to_string(),
+                |panic| {
+                    panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default()
+                },
+            );
+            TaskEnded::Panicked(message)
         }
     }
 }
@@ -219,6 +267,34 @@ pub fn start(
         cache,
         metrics,
         tls,
+        aborts: tasks.iter().map(JoinHandle::abort_handle).collect(),
         tasks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_panics_or_returns_is_reported_and_none_is_never() {
+        let forever = || tokio::spawn(std::future::pending::<()>());
+        let panics = tokio::spawn(async {
+            tokio::task::yield_now().await;
+            panic!("the reconciler met a bug");
+        });
+        assert_eq!(
+            first_ended(vec![forever(), panics, forever()]).await,
+            TaskEnded::Panicked("the reconciler met a bug".into())
+        );
+        let returns = tokio::spawn(async {});
+        assert_eq!(
+            first_ended(vec![forever(), returns]).await,
+            TaskEnded::Returned
+        );
+        let none = tokio::time::timeout(Duration::from_millis(50), first_ended(Vec::new())).await;
+        assert!(none.is_err());
+        let running = tokio::time::timeout(Duration::from_millis(50), first_ended(vec![forever()]));
+        assert!(running.await.is_err());
     }
 }

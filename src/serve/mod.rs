@@ -144,6 +144,8 @@ pub enum ServeError {
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
     #[error(transparent)]
+    ClusterTask(crate::cluster::TaskEnded),
+    #[error(transparent)]
     Tls(#[from] PollError<TlsError>),
     #[error(transparent)]
     TlsConfig(#[from] TlsError),
@@ -304,16 +306,29 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let (app, tls) = prepare(&config)?;
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let cluster = start_cluster(&config.cluster, &app, stop_rx).await?;
+    let mut cluster = start_cluster(&config.cluster, &app, stop_rx).await?;
     let running = start(config.settings, app, tls).await?;
-    shutdown.await;
+    let fault = tokio::select! {
+        () = shutdown => None,
+        ended = async {
+            match cluster.as_mut() {
+                Some(c) => c.ended().await,
+                None => std::future::pending().await,
+            }
+        } => Some(ended),
+    };
+    if let Some(ended) = &fault {
+        // Stopping releases the Lease, so another replica takes over at once; the kubelet
+        // restarts this one.
+        tracing::error!(error = %ended, "The cluster view failed: this replica stops");
+    }
     let _ = stop.send(true);
     running.shutdown();
     running.wait().await;
     if let Some(cluster) = cluster {
         cluster.abort();
     }
-    Ok(())
+    fault.map_or(Ok(()), |ended| Err(ServeError::ClusterTask(ended)))
 }
 
 /// Starts the cluster view when `settings.mode` and the environment say so, and hands its cache
