@@ -27,7 +27,7 @@ use kube::{
 };
 use serde::Serialize;
 use serde_json::Value;
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::{
@@ -168,11 +168,16 @@ impl Kind {
     }
 }
 
+/// A watcher of the cache, not yet spawned.
+pub type Watcher = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
 impl Cache {
-    /// Starts a watcher per kind and namespace. The Secrets the policy reads are followed by the
-    /// caller ([`Cache::follow_secrets`]), which owns their tasks.
+    /// The cache and a watcher per kind and namespace, for the caller to spawn. Readiness waits
+    /// for each from now on, so that the Secrets the policy reads ([`Cache::follow_secrets`],
+    /// whose watchers the caller owns) can be added to what it waits for before any watcher can
+    /// have listed.
     #[must_use]
-    pub fn spawn(client: &Client, namespaces: &[String]) -> (Arc<Self>, Vec<JoinHandle<()>>) {
+    pub fn watching(client: &Client, namespaces: &[String]) -> (Arc<Self>, Vec<Watcher>) {
         let cache = Arc::new(Self {
             namespaces: namespaces.to_vec(),
             ..Self::default()
@@ -181,22 +186,22 @@ impl Cache {
             .labels(&format!("{MANAGED_BY}={MANAGED_BY_AUTHENTIK}"))
             .page_size(PAGE_SIZE)
             .timeout(WATCH_TIMEOUT_SECONDS);
-        let mut tasks = Vec::new();
+        let mut watchers: Vec<Watcher> = Vec::new();
         for ns in namespaces {
-            tasks.push(tokio::spawn(cache.follow(
+            watchers.push(Box::pin(cache.follow(
                 Api::<Deployment>::namespaced(client.clone(), ns),
                 outposts.clone(),
                 Kind::Deployment,
                 ns,
             )));
-            tasks.push(tokio::spawn(cache.follow(
+            watchers.push(Box::pin(cache.follow(
                 Api::<Service>::namespaced(client.clone(), ns),
                 outposts.clone(),
                 Kind::Service,
                 ns,
             )));
         }
-        (cache, tasks)
+        (cache, watchers)
     }
 
     /// A watcher for each Secret in `names`, in each watched namespace, that is not followed yet,
@@ -847,9 +852,10 @@ mod tests {
         >();
         let client = Client::new(mock, "default");
         let names = |n: &[&str]| n.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
-        let (cache, tasks) = Cache::spawn(&client, &["authentik".into()]);
+        let (cache, watchers) = Cache::watching(&client, &["authentik".into()]);
         // Deployments and Services: neither has listed.
-        assert_eq!(tasks.len(), 2);
+        assert_eq!(watchers.len(), 2);
+        let tasks: Vec<_> = watchers.into_iter().map(tokio::spawn).collect();
         assert_eq!(cache.follow_secrets(&client, &names(&["a"])).len(), 1);
         assert!(cache.follow_secrets(&client, &names(&["a"])).is_empty());
         assert_eq!(cache.follow_secrets(&client, &names(&["a", "b"])).len(), 1);

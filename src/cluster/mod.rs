@@ -218,7 +218,10 @@ pub fn start(
     install: Option<selftls::Install>,
     stop: watch::Receiver<bool>,
 ) -> Running {
-    let (cache, mut tasks) = Cache::spawn(&clients.watch, &settings.namespaces);
+    // Spawned last: every watcher readiness waits for, the Secrets' included, is known before
+    // any can have listed.
+    let (cache, watchers) = Cache::watching(&clients.watch, &settings.namespaces);
+    let mut tasks = Vec::new();
     let (leadership, lease) = lease::hold(
         clients.requests.clone(),
         settings.lease_namespace.clone(),
@@ -257,6 +260,7 @@ pub fn start(
         },
         stop,
     )));
+    tasks.extend(watchers.into_iter().map(tokio::spawn));
     info!(
         namespaces = ?settings.namespaces,
         lease = %format!("{}/{LEASE_NAME}", settings.lease_namespace),
@@ -275,6 +279,41 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Before any watcher can have listed, readiness already waits for the Secrets the policy
+    /// reads, not only for the outpost watchers: admission must not answer from a view without
+    /// them. (A client nobody answers: this is the bookkeeping before the first list, which a
+    /// real apiserver answers too fast to observe.)
+    #[tokio::test]
+    async fn readiness_waits_for_the_policys_secrets_from_the_start() {
+        let (mock, _apiserver) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = Client::new(mock, "default");
+        let policy = Arc::new(crate::core::policy::Policy::builtin().unwrap());
+        let (_stop, stop) = watch::channel(false);
+        let running = start(
+            Clients {
+                watch: client.clone(),
+                requests: client,
+            },
+            &Settings::off(),
+            move || Arc::clone(&policy),
+            None,
+            stop,
+        );
+        let unsettled = running.cache.unsettled();
+        running.abort();
+        assert_eq!(
+            unsettled,
+            [
+                "deployments in authentik",
+                "secrets (metadata.name=goauthentik) in authentik",
+                "services in authentik"
+            ]
+        );
+    }
 
     #[tokio::test]
     async fn a_task_that_panics_or_returns_is_reported_and_none_is_never() {

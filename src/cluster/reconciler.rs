@@ -168,9 +168,24 @@ pub struct Reconciler<P> {
     pub pace: Pace,
 }
 
-/// Runs until `stop` turns true: plans on every change and resync, and writes while the Lease is
-/// this replica's.
-pub async fn run<P: Fn() -> Arc<Policy> + Sync>(r: Reconciler<P>, mut stop: watch::Receiver<bool>) {
+/// The reconciler, to spawn: it runs until `stop` turns true, plans on every change and resync,
+/// and writes while the Lease is this replica's. The Secrets the policy in force reads are
+/// followed from this call on, before the returned future first runs: readiness waits for them
+/// as for the other watchers.
+pub fn run<P: Fn() -> Arc<Policy> + Send + Sync + 'static>(
+    r: Reconciler<P>,
+    stop: watch::Receiver<bool>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let mut secrets = SecretWatchers::default();
+    secrets.follow(&r.cache, &r.clients.watch, &(r.policy)());
+    run_loop(r, secrets, stop)
+}
+
+async fn run_loop<P: Fn() -> Arc<Policy> + Sync>(
+    r: Reconciler<P>,
+    mut secrets: SecretWatchers,
+    mut stop: watch::Receiver<bool>,
+) {
     let Reconciler {
         clients,
         cache,
@@ -183,8 +198,6 @@ pub async fn run<P: Fn() -> Arc<Policy> + Sync>(r: Reconciler<P>, mut stop: watc
     let mut failures: u32 = 0;
     let mut last_roll: Option<Instant> = None;
     // Dropping the watchers (this loop ending or being aborted) stops them.
-    let mut secrets = SecretWatchers::default();
-    secrets.follow(&cache, &clients.watch, &policy());
     // False once the Lease task is gone: its receiver then answers at once, every time.
     let mut lease_alive = true;
     // What was held back and already told, so a resync does not repeat it.
