@@ -316,8 +316,8 @@ impl Cache {
         if pending.is_empty() {
             self.settled_once
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            // The reconciler waits for the whole view before it plans; an empty list stores
-            // nothing that would wake it.
+            // The reconciler waits for the whole view before it plans, and may have looked
+            // between a list's own signal and this; a refused watcher sends no other signal.
             self.changed.notify_one();
         }
     }

@@ -48,7 +48,7 @@ const LEASE_VERBS: &str = "get, create, update";
 /// Nothing waits for it: an apiserver that is down or a Lease that is forbidden must not hold up
 /// admission. A 403 is recorded in `cache` and logged once; other failures are logged and tried
 /// again. While it holds the Lease it tries every [`RETRY_PERIOD`]; otherwise refusals back off
-/// (one second doubling up to `max_backoff`).
+/// (two seconds, doubling up to `max_backoff`).
 #[must_use]
 pub fn hold(
     client: Client,

@@ -152,26 +152,53 @@ pub struct Running {
     /// Self-managed TLS, when on: readiness waits for it.
     pub tls: Option<Arc<selftls::Status>>,
     aborts: Vec<AbortHandle>,
-    /// Every task, until [`Running::ended`] takes them.
+    /// The Lease task, which releases the Lease on the stop signal and then ends.
+    lease: Option<JoinHandle<()>>,
+    /// Every other task; each runs until it is aborted.
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops the watchers, the Lease and the reconciler.
+    /// Stops the watchers, the Lease and the reconciler at once.
     pub fn abort(&self) {
         for t in &self.aborts {
             t.abort();
         }
     }
 
+    /// After the stop signal: waits at most `limit` for the Lease task to release the Lease (so
+    /// that another replica takes over at once rather than after the Lease duration), then
+    /// stops everything.
+    pub async fn stop(mut self, limit: Duration) {
+        if let Some(lease) = self.lease.take() {
+            let _ = tokio::time::timeout(limit, lease).await;
+        }
+        self.abort();
+    }
+
     /// Resolves when one of the tasks ends. Each runs until the stop signal, so before it this
     /// is a fault (a panic): a replica whose reconciler is gone but whose Lease task renews
     /// would hold the Lease and write nothing, and one whose watchers are gone would answer
     /// from a view that no longer moves. The caller stops the process, which releases the
-    /// Lease; the kubelet restarts it. Never resolves when there are no tasks.
+    /// Lease; the kubelet restarts it, as client-go's informers crash a Go controller on a
+    /// panic. Never resolves when there are no tasks.
     pub async fn ended(&mut self) -> TaskEnded {
-        let tasks = std::mem::take(&mut self.tasks);
-        first_ended(tasks).await
+        let (ended, lease_ended) = {
+            let lease = &mut self.lease;
+            tokio::select! {
+                ended = first_ended(&mut self.tasks) => (ended, false),
+                ended = async {
+                    match lease.as_mut() {
+                        Some(l) => outcome(l.await),
+                        None => std::future::pending().await,
+                    }
+                } => (ended, true),
+            }
+        };
+        if lease_ended {
+            self.lease = None;
+        }
+        ended
     }
 }
 
@@ -184,27 +211,30 @@ pub enum TaskEnded {
     Returned,
 }
 
-/// The first of `tasks` to end, and how.
-async fn first_ended(tasks: Vec<JoinHandle<()>>) -> TaskEnded {
+/// The first of `tasks` to end, and how; it is taken out of `tasks` (a finished task is not
+/// awaited twice).
+async fn first_ended(tasks: &mut Vec<JoinHandle<()>>) -> TaskEnded {
     if tasks.is_empty() {
         return std::future::pending().await;
     }
-    let (ended, _, _) = futures::future::select_all(tasks).await;
+    let (ended, index, _) = futures::future::select_all(tasks.iter_mut()).await;
+    tasks.swap_remove(index);
+    outcome(ended)
+}
+
+fn outcome(ended: Result<(), tokio::task::JoinError>) -> TaskEnded {
     match ended {
         Ok(()) => TaskEnded::Returned,
-        Err(e) => {
-            let message = e.try_into_panic().map_or_else(
-                |e| e.to_string(),
-                |panic| {
-                    panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default()
-                },
-            );
-            TaskEnded::Panicked(message)
-        }
+        Err(e) => TaskEnded::Panicked(e.try_into_panic().map_or_else(
+            |e| e.to_string(),
+            |panic| {
+                panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default()
+            },
+        )),
     }
 }
 
@@ -231,7 +261,6 @@ pub fn start(
         stop.clone(),
     );
     let metrics = Arc::new(metrics::Metrics::new(leadership.clone()));
-    tasks.push(lease);
     let tls = match (&settings.tls, install) {
         (Some(tls), Some(install)) => {
             let (status, tls_tasks) = selftls::start(
@@ -271,7 +300,12 @@ pub fn start(
         cache,
         metrics,
         tls,
-        aborts: tasks.iter().map(JoinHandle::abort_handle).collect(),
+        aborts: tasks
+            .iter()
+            .chain([&lease])
+            .map(JoinHandle::abort_handle)
+            .collect(),
+        lease: Some(lease),
         tasks,
     }
 }
@@ -322,18 +356,21 @@ mod tests {
             tokio::task::yield_now().await;
             panic!("the reconciler met a bug");
         });
+        let mut tasks = vec![forever(), panics, forever()];
         assert_eq!(
-            first_ended(vec![forever(), panics, forever()]).await,
+            first_ended(&mut tasks).await,
             TaskEnded::Panicked("the reconciler met a bug".into())
         );
-        let returns = tokio::spawn(async {});
-        assert_eq!(
-            first_ended(vec![forever(), returns]).await,
-            TaskEnded::Returned
-        );
-        let none = tokio::time::timeout(Duration::from_millis(50), first_ended(Vec::new())).await;
-        assert!(none.is_err());
-        let running = tokio::time::timeout(Duration::from_millis(50), first_ended(vec![forever()]));
+        assert_eq!(tasks.len(), 2, "the ended task is taken out");
+        tasks.push(tokio::spawn(async {}));
+        assert_eq!(first_ended(&mut tasks).await, TaskEnded::Returned);
+        let mut none = Vec::new();
+        let none = tokio::time::timeout(Duration::from_millis(50), first_ended(&mut none));
+        assert!(none.await.is_err());
+        let running = tokio::time::timeout(Duration::from_millis(50), first_ended(&mut tasks));
         assert!(running.await.is_err());
+        for t in tasks {
+            t.abort();
+        }
     }
 }

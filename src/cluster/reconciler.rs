@@ -60,7 +60,7 @@ pub struct Pace {
     pub resync: Duration,
     /// The least time between two Deployment writes (each rolls an outpost's pods).
     pub roll_interval: Duration,
-    /// The longest wait after failed writes (backoff doubles from one second up to this).
+    /// The longest wait after failed writes (the backoff starts at two seconds and doubles up to this).
     pub max_backoff: Duration,
 }
 
@@ -151,8 +151,16 @@ impl SecretWatchers {
             let handle = self.tasks.spawn(watcher);
             self.by_name.entry(name).or_default().push(handle);
         }
-        // Reap watchers that ended (aborted above).
-        while self.tasks.try_join_next().is_some() {}
+        // Reap watchers that ended (aborted above). One that panicked would stay pending in the
+        // cache for good, and the reconciler would never plan again while holding the Lease:
+        // its panic becomes the reconciler's, which stops the replica (`Running::ended`).
+        while let Some(ended) = self.tasks.try_join_next() {
+            if let Err(e) = ended
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
     }
 }
 
@@ -203,6 +211,7 @@ async fn run_loop<P: Fn() -> Arc<Policy> + Sync>(
     // What was held back and already told, so a resync does not repeat it.
     let mut told: BTreeSet<(String, String, Vec<String>)> = BTreeSet::new();
     let mut check = tokio::time::interval(POLICY_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let wait = if failures == 0 {
             pace.resync
@@ -508,7 +517,7 @@ pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// One second, doubled per failure, capped.
+/// Two seconds after the first failure, doubled per failure after it, capped.
 pub(super) fn backoff(failures: u32, max: Duration) -> Duration {
     Duration::from_secs(1u64 << failures.min(16)).min(max)
 }

@@ -326,7 +326,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     running.shutdown();
     running.wait().await;
     if let Some(cluster) = cluster {
-        cluster.abort();
+        // The Lease is released with one request of at most REQUEST_TIMEOUT.
+        cluster
+            .stop(crate::cluster::REQUEST_TIMEOUT + std::time::Duration::from_secs(1))
+            .await;
     }
     fault.map_or(Ok(()), |ended| Err(ServeError::ClusterTask(ended)))
 }
