@@ -41,8 +41,8 @@ use outpost_webhook::{
 use serde_json::{Value, json};
 
 use common::manifests::{
-    Grant, check_known_kind, documents, grant, grants, in_namespace, kustomize, lease_grants, one,
-    rule_grants, typed, watch_grants,
+    Grant, check_known_kind, documents, grants, in_namespace, kustomize, lease_grants, one,
+    rule_grants, self_tls_grants, typed, watch_grants,
 };
 
 const RELEASE: &str = "outpost-webhook";
@@ -531,27 +531,12 @@ fn tls_self_mode_lets_the_webhook_keep_its_secret_and_registration_by_name_only(
     let (_, pod, _) = deployment(&docs);
     assert!(pod.volumes.unwrap().iter().all(|v| v.secret.is_none()));
 
-    // In the release namespace: the Lease, and the one Secret by name (create cannot be named).
-    let mut wanted = lease_grants();
-    wanted.extend(grant(
-        "",
-        "secrets",
-        Some(&secret),
-        &["get", "list", "watch", "patch"],
-    ));
-    wanted.extend(grant("", "secrets", None, &["create"]));
-    assert_eq!(role_grants_in(&docs, NAMESPACE), wanted);
-    // Cluster-wide: get and patch of this registration alone.
+    // In the release namespace: the Lease, and the one Secret by name (create cannot be named);
+    // cluster-wide, get and patch of this registration alone.
+    let (own, cluster) = self_tls_grants(&secret, mwc["metadata"]["name"].as_str().unwrap());
+    assert_eq!(role_grants_in(&docs, NAMESPACE), own);
     let cr: ClusterRole = typed(one(&docs, "ClusterRole"));
-    assert_eq!(
-        rule_grants(&cr.rules.unwrap()),
-        grant(
-            "admissionregistration.k8s.io",
-            "mutatingwebhookconfigurations",
-            mwc["metadata"]["name"].as_str(),
-            &["get", "patch"]
-        )
-    );
+    assert_eq!(rule_grants(&cr.rules.unwrap()), cluster);
     assert_bindings_name_only_the_service_account(&docs);
 
     // A Secret name of one's own is used throughout.
@@ -1013,6 +998,57 @@ fn the_chart_and_deploy_plain_agree_on_rbac_pod_service_and_registration() {
         webhook_behaviour(&webhook(&defaults)),
         webhook_behaviour(&webhook(&plain))
     );
+}
+
+/// The chart's default (`tls.mode: self`) and `deploy/self-tls` are the same install: the same
+/// grants in every namespace and cluster-wide, the same pod, registration and Service, and no
+/// certificate volume in either.
+#[test]
+fn the_charts_defaults_and_deploy_self_tls_agree_on_rbac_pod_and_registration() {
+    let chart = template(&[]);
+    let kustomized = kustomize("self-tls");
+    let namespaces = |docs: &[Value]| -> BTreeSet<String> {
+        docs.iter()
+            .filter(|d| d["kind"] == "Role")
+            .map(|d| d["metadata"]["namespace"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(namespaces(&chart), namespaces(&kustomized));
+    for ns in namespaces(&kustomized) {
+        assert_eq!(
+            role_grants_in(&chart, &ns),
+            role_grants_in(&kustomized, &ns),
+            "Roles in {ns}"
+        );
+    }
+    let cluster_grants = |docs: &[Value]| -> BTreeSet<Grant> {
+        docs.iter()
+            .filter(|d| d["kind"] == "ClusterRole")
+            .flat_map(|d| rule_grants(&typed::<ClusterRole>(d).rules.unwrap()))
+            .collect()
+    };
+    assert_eq!(cluster_grants(&chart), cluster_grants(&kustomized));
+    assert_bindings_name_only_the_service_account(&kustomized);
+
+    let (ours, theirs) = (pod_behaviour(&chart), pod_behaviour(&kustomized));
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    for (key, value) in &ours {
+        assert_eq!(value, &theirs[key], "the pod's {key}");
+    }
+    for docs in [&chart, &kustomized] {
+        let (_, pod, _) = deployment(docs);
+        assert!(pod.volumes.unwrap().iter().all(|v| v.secret.is_none()));
+        assert_eq!(webhook(docs).client_config.ca_bundle, None);
+    }
+    assert_eq!(
+        webhook_behaviour(&webhook(&chart)),
+        webhook_behaviour(&webhook(&kustomized))
+    );
+    let svc = |docs: &[Value]| typed::<Service>(one(docs, "Service")).spec.unwrap().ports;
+    assert_eq!(svc(&chart), svc(&kustomized));
 }
 
 fn files() -> PathBuf {

@@ -22,7 +22,7 @@ use k8s_openapi::{
         core::v1::{Namespace, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
-        rbac::v1::{Role, RoleBinding},
+        rbac::v1::{ClusterRole, Role, RoleBinding},
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
@@ -41,20 +41,24 @@ use outpost_webhook::{
 use serde_json::{Value, json};
 
 use common::manifests::{
-    check_known_kind, grants, in_namespace, lease_grants, one, typed, watch_grants,
+    check_known_kind, grants, in_namespace, lease_grants, one, rule_grants, self_tls_grants, typed,
+    watch_grants,
 };
 
 fn render(overlay: &str) -> Vec<Value> {
     common::manifests::kustomize(overlay)
 }
 
-/// Reads every document of a rendering into its type.
-fn check_types(docs: &[Value]) {
+/// Reads every document of `overlay`'s rendering into its type.
+fn check_types(overlay: &str, docs: &[Value]) {
     for doc in docs {
         let kind = doc["kind"].as_str().unwrap();
-        // Nothing cluster-wide: ClusterRole and ClusterRoleBinding are unexpected kinds, and the
-        // Prometheus Operator's are the chart's alone.
-        assert!(!kind.starts_with("Cluster"), "{kind}");
+        // Nothing cluster-wide but self-managed TLS's grant on its own registration (checked in
+        // its own test); the Prometheus Operator's kinds are the chart's alone.
+        assert!(
+            !kind.starts_with("Cluster") || overlay == "self-tls",
+            "{overlay}: {kind}"
+        );
         assert!(doc["apiVersion"] != "monitoring.coreos.com/v1", "{kind}");
         check_known_kind(doc);
     }
@@ -126,14 +130,19 @@ fn serve_args(docs: &[Value]) -> ServeArgs {
 #[test]
 fn every_kustomization_renders_into_known_types() {
     let dirs = kustomizations();
-    assert_eq!(dirs, ["base", "cert-manager", "plain", "watch"]);
+    assert_eq!(dirs, ["base", "cert-manager", "plain", "self-tls", "watch"]);
     let watched = serve_args(&render("base")).watch_namespaces;
     for dir in &dirs {
         let docs = render(dir);
         assert!(docs.len() >= 2, "{dir}");
-        check_types(&docs);
+        check_types(dir, &docs);
         for doc in &docs {
-            if doc["kind"] == "Namespace" || doc["kind"] == "MutatingWebhookConfiguration" {
+            let kind = doc["kind"].as_str().unwrap();
+            if kind == "Namespace" || kind == "MutatingWebhookConfiguration" {
+                continue;
+            }
+            if kind.starts_with("Cluster") {
+                assert!(doc["metadata"].get("namespace").is_none(), "{dir} {kind}");
                 continue;
             }
             let ns = doc["metadata"]["namespace"].as_str().unwrap();
@@ -673,6 +682,98 @@ fn cert_manager_issues_the_secret_the_deployment_mounts_for_every_service_name()
         .find(|d| d["kind"] == "Certificate" && d["spec"]["secretName"] == ca_secret)
         .unwrap();
     assert_eq!(ca_cert["spec"]["isCA"], true);
+}
+
+/// `deploy/self-tls` is `deploy/plain` with the registration, the certificate kept through the
+/// API instead of a mounted Secret, and the grants that takes: the Secret by name (and create,
+/// which RBAC cannot name) and the registration by name, bound to the webhook's account alone.
+#[test]
+fn the_self_tls_overlay_keeps_its_secret_and_registration_by_name_only() {
+    let docs = render("self-tls");
+    let plain = render("plain");
+    let serve = serve_args(&docs);
+    let mwc = one(&docs, "MutatingWebhookConfiguration");
+    let secret = serve.tls_secret.clone().unwrap();
+    assert_eq!(serve.tls_cert, None);
+    assert_eq!(serve.tls_key, None);
+    assert_eq!(
+        serve.webhook_configuration,
+        mwc["metadata"]["name"].as_str().unwrap()
+    );
+    assert_eq!(
+        serve.service,
+        one(&docs, "Service")["metadata"]["name"].as_str().unwrap()
+    );
+    // The certificate's DNS names are the Service's in the pods' namespace.
+    let own = one(&docs, "Deployment")["metadata"]["namespace"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        mwc["webhooks"][0]["clientConfig"]["service"]["namespace"],
+        own
+    );
+    assert!(mwc["webhooks"][0]["clientConfig"].get("caBundle").is_none());
+    // Every other flag as deploy/plain has it.
+    let flags = |docs: &[Value]| -> Vec<String> {
+        let d: Deployment = typed(one(docs, "Deployment"));
+        d.spec.template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+            .into_iter()
+            .filter(|a| {
+                !a.starts_with("--tls-")
+                    && !a.starts_with("--webhook-configuration")
+                    && !a.starts_with("--service=")
+            })
+            .collect()
+    };
+    assert_eq!(flags(&docs), flags(&plain));
+    let d: Deployment = typed(one(&docs, "Deployment"));
+    let pod = d.spec.template.spec.unwrap();
+    assert!(pod.volumes.unwrap().iter().all(|v| v.secret.is_none()));
+    assert!(
+        pod.containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap()
+            .iter()
+            .all(|m| m.name != "tls")
+    );
+
+    let (own_wanted, cluster_wanted) =
+        self_tls_grants(&secret, mwc["metadata"]["name"].as_str().unwrap());
+    let own_grants: BTreeSet<_> = in_namespace(&docs, "Role", own)
+        .into_iter()
+        .flat_map(|r| grants(&typed::<Role>(r)))
+        .collect();
+    assert_eq!(own_grants, own_wanted);
+    let cluster_roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "ClusterRole").collect();
+    assert_eq!(cluster_roles.len(), 1);
+    let cr: ClusterRole = typed(cluster_roles[0]);
+    assert_eq!(rule_grants(&cr.rules.clone().unwrap()), cluster_wanted);
+    let sa = one(&docs, "ServiceAccount");
+    for kind in ["RoleBinding", "ClusterRoleBinding"] {
+        for b in docs.iter().filter(|d| d["kind"] == kind) {
+            assert_eq!(
+                b["subjects"],
+                json!([{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                        "namespace": sa["metadata"]["namespace"]}]),
+                "{kind} {}",
+                b["metadata"]["name"]
+            );
+        }
+    }
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding")
+        .unwrap();
+    assert_eq!(binding["roleRef"]["name"], cr.metadata.name.unwrap());
+    // The watched namespaces' Roles are deploy/plain's.
+    for ns in &serve.watch_namespaces {
+        let role = |docs: &[Value]| grants(&typed::<Role>(in_namespace(docs, "Role", ns)[0]));
+        assert_eq!(role(&docs), role(&plain), "{ns}");
+    }
 }
 
 #[test]

@@ -191,6 +191,27 @@ pub fn watch_grants(secrets: &BTreeSet<String>) -> BTreeSet<Grant> {
     wanted
 }
 
+/// What self-managed TLS must grant: in the webhook's namespace, its Secret by name and create
+/// (which RBAC cannot limit by name), beside the Lease's grants; cluster-wide, get and patch of
+/// its registration alone.
+pub fn self_tls_grants(secret: &str, registration: &str) -> (BTreeSet<Grant>, BTreeSet<Grant>) {
+    let mut own = lease_grants();
+    own.extend(grant(
+        "",
+        "secrets",
+        Some(secret),
+        &["get", "list", "watch", "patch"],
+    ));
+    own.extend(grant("", "secrets", None, &["create"]));
+    let cluster = grant(
+        "admissionregistration.k8s.io",
+        "mutatingwebhookconfigurations",
+        Some(registration),
+        &["get", "patch"],
+    );
+    (own, cluster)
+}
+
 /// What the Lease Role must grant: get and update on the one name (src/cluster/lease.rs),
 /// and create, which RBAC cannot limit by name.
 pub fn lease_grants() -> BTreeSet<Grant> {
