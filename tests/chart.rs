@@ -280,6 +280,24 @@ fn role_grants_in(docs: &[Value], ns: &str) -> BTreeSet<Grant> {
         .collect()
 }
 
+/// Both renderings have Roles in the same namespaces, granting the same in each.
+fn assert_same_roles(ours: &[Value], theirs: &[Value]) {
+    let namespaces = |docs: &[Value]| -> BTreeSet<String> {
+        docs.iter()
+            .filter(|d| d["kind"] == "Role")
+            .map(|d| d["metadata"]["namespace"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(namespaces(ours), namespaces(theirs));
+    for ns in namespaces(theirs) {
+        assert_eq!(
+            role_grants_in(ours, &ns),
+            role_grants_in(theirs, &ns),
+            "Roles in {ns}"
+        );
+    }
+}
+
 /// Every `RoleBinding` and `ClusterRoleBinding` names a Role of its own kind that is rendered, and
 /// the webhook's `ServiceAccount` as its one subject.
 fn assert_bindings_name_only_the_service_account(docs: &[Value]) {
@@ -909,20 +927,7 @@ fn the_chart_and_deploy_plain_agree_on_rbac_pod_service_and_registration() {
     let plain = kustomize_plain();
 
     // RBAC, namespace by namespace.
-    let namespaces = |docs: &[Value]| -> BTreeSet<String> {
-        docs.iter()
-            .filter(|d| d["kind"] == "Role")
-            .map(|d| d["metadata"]["namespace"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    assert_eq!(namespaces(&chart), namespaces(&plain));
-    for ns in namespaces(&plain) {
-        assert_eq!(
-            role_grants_in(&chart, &ns),
-            role_grants_in(&plain, &ns),
-            "Roles in {ns}"
-        );
-    }
+    assert_same_roles(&chart, &plain);
     assert!(
         chart
             .iter()
@@ -1007,20 +1012,7 @@ fn the_chart_and_deploy_plain_agree_on_rbac_pod_service_and_registration() {
 fn the_charts_defaults_and_deploy_self_tls_agree_on_rbac_pod_and_registration() {
     let chart = template(&[]);
     let kustomized = kustomize("self-tls");
-    let namespaces = |docs: &[Value]| -> BTreeSet<String> {
-        docs.iter()
-            .filter(|d| d["kind"] == "Role")
-            .map(|d| d["metadata"]["namespace"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    assert_eq!(namespaces(&chart), namespaces(&kustomized));
-    for ns in namespaces(&kustomized) {
-        assert_eq!(
-            role_grants_in(&chart, &ns),
-            role_grants_in(&kustomized, &ns),
-            "Roles in {ns}"
-        );
-    }
+    assert_same_roles(&chart, &kustomized);
     let cluster_grants = |docs: &[Value]| -> BTreeSet<Grant> {
         docs.iter()
             .filter(|d| d["kind"] == "ClusterRole")
