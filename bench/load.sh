@@ -24,6 +24,6 @@ profile=${PROFILE:-release}
 cargo build --profile "$profile" --locked --bin outpost-webhook --example floor >&2
 mkdir -p target/bench
 "target/$profile/outpost-webhook" certs --service outpost-webhook --namespace outpost-webhook \
-  --san 127.0.0.1 --out target/bench/certs >/dev/null
+  --san 127.0.0.1 --out target/bench/certs --force >/dev/null
 
 PROFILE="$profile" OHA="$oha" exec python3 bench/load.py "$seconds" "$repeats"

@@ -186,6 +186,44 @@ async fn a_declared_body_over_the_limit_is_413_before_it_is_read() {
     );
 }
 
+/// A body arrives in however many frames the connection cut it into; the review must not change
+/// with the cut (the server keeps a single frame as it is and joins several).
+#[tokio::test]
+async fn a_body_cut_into_frames_is_answered_as_the_whole_body_is() {
+    let app = app(1 << 20);
+    let bytes = serde_json::to_vec(&common::golden_review("embedded-deployment-create")).unwrap();
+    let (code, whole) = call(&app, post(bytes.clone())).await;
+    assert_eq!(code, 200);
+    assert!(whole["response"]["patch"].is_string(), "{whole}");
+    let third = bytes.len() / 3;
+    let cuts: [&[usize]; 4] = [&[0], &[1], &[third, 2 * third], &[0, 0, third, bytes.len()]];
+    for cut in cuts {
+        for declared in [true, false] {
+            let mut frames = Vec::new();
+            let mut from = 0;
+            for &to in cut.iter().chain([&bytes.len()]) {
+                frames.push(Ok::<_, std::io::Error>(Bytes::copy_from_slice(
+                    &bytes[from..to],
+                )));
+                from = to;
+            }
+            let mut req =
+                Request::post("/mutate?timeout=10s").header("content-type", "application/json");
+            if declared {
+                req = req.header("content-length", bytes.len());
+            }
+            let req = req
+                .body(Body::from_stream(futures::stream::iter(frames)))
+                .unwrap();
+            assert_eq!(
+                call(&app, req).await,
+                (200, whole.clone()),
+                "cut at {cut:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_streamed_body_over_the_limit_is_413() {
     let app = app(1024);

@@ -247,7 +247,7 @@ async fn read_body(
     app: &App,
     parts: &axum::http::request::Parts,
     body: &mut Body,
-) -> Result<(Vec<u8>, crate::serve::budget::Reserved), Rejection> {
+) -> Result<(Bytes, crate::serve::budget::Reserved), Rejection> {
     if !is_json(&parts.headers) {
         let got = parts
             .headers
@@ -288,7 +288,10 @@ async fn read_body(
     };
     let cap = reserved.body_bytes;
     let read = tokio::time::timeout_at(until, async {
-        let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(cap));
+        // A body usually arrives as one frame, a slice of the connection's read buffer: it is
+        // kept as it is, and copied into one buffer only when a second frame follows.
+        let mut one: Option<Bytes> = None;
+        let mut bytes = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
                 Rejection::new(
@@ -300,7 +303,8 @@ async fn read_body(
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if bytes.len().saturating_add(data.len()) > cap {
+            let read = one.as_ref().map_or(bytes.len(), Bytes::len);
+            if read.saturating_add(data.len()) > cap {
                 let message = if cap < limit {
                     format!("body is longer than its Content-Length of {cap} bytes")
                 } else {
@@ -312,6 +316,14 @@ async fn read_body(
                     message,
                 ));
             }
+            if read == 0 && one.is_none() {
+                one = Some(data);
+                continue;
+            }
+            if let Some(first) = one.take() {
+                bytes.reserve_exact(declared.unwrap_or(0).clamp(first.len(), cap));
+                bytes.extend_from_slice(&first);
+            }
             // Grow at most to the reservation, never to twice a large body.
             if bytes.capacity() - bytes.len() < data.len() {
                 let want = (bytes.capacity() * 2)
@@ -321,7 +333,7 @@ async fn read_body(
             }
             bytes.extend_from_slice(&data);
         }
-        Ok(bytes)
+        Ok(one.unwrap_or_else(|| Bytes::from(bytes)))
     })
     .await;
     match read {

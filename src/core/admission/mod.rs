@@ -6,6 +6,7 @@
 //! serialises `patch` as an array of numbers (kube-rs/kube#1781); the apiserver wants standard
 //! base64.
 
+mod json;
 pub mod prune;
 
 use base64::Engine as _;
@@ -219,21 +220,26 @@ pub fn decide(policy: &Policy, view: &dyn View, request: &Request) -> Outcome {
 /// rather than built as a string and scanned again by a serializer.
 #[must_use]
 pub fn response(uid: &str, outcome: &Outcome) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
+    let patch = (!outcome.ops.is_empty()).then(|| {
+        let mut json = Vec::with_capacity(1024);
+        json::write_ops(&mut json, &outcome.ops);
+        json
+    });
+    let encoded = patch
+        .as_ref()
+        .and_then(|json| base64::encoded_len(json.len(), true))
+        .unwrap_or(0);
+    let mut out = Vec::with_capacity(192 + uid.len() + encoded);
     out.extend_from_slice(
         br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"#,
     );
-    // Serialising a string or a list of patch operations cannot fail: every key is a string.
+    // Serialising a string or a list of strings cannot fail.
     let _ = serde_json::to_writer(&mut out, uid);
     out.extend_from_slice(br#","allowed":true"#);
-    if !outcome.ops.is_empty() {
-        let json = serde_json::to_vec(&outcome.ops).unwrap_or_default();
+    if let Some(json) = patch {
         out.extend_from_slice(br#","patchType":"JSONPatch","patch":""#);
         let start = out.len();
-        out.resize(
-            start + base64::encoded_len(json.len(), true).unwrap_or(0),
-            0,
-        );
+        out.resize(start + encoded, 0);
         if let Some(tail) = out.get_mut(start..) {
             let _ = base64::engine::general_purpose::STANDARD.encode_slice(&json, tail);
         }
