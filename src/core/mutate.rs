@@ -9,7 +9,7 @@
 //!
 //! Comparisons are "the policy's value is contained in the object's" ([`super::quantity`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use json_patch::{
     AddOperation, PatchOperation, ReplaceOperation,
@@ -23,7 +23,7 @@ use sha2::{Digest as _, Sha256};
 use super::{
     admission::prune::Keep,
     cluster::{Off, View, secret_problems},
-    policy::{DeploymentFix, Keyed, Outpost, Policy, SelectorMode},
+    policy::{DeploymentFix, Keyed, Outpost, Policy, SecretRef, SelectorMode},
     quantity::{Quantity, covers},
 };
 use crate::k8s::{
@@ -243,11 +243,12 @@ pub fn mutate_in(
             fixer.service(effective.selector, object, &outpost, standalone);
         }
         ObjectKind::Deployment => {
-            let secrets = secret_checksum(&effective.deployment, view, namespace);
+            let refs = effective.deployment.secret_refs();
+            let secrets = checksum_of(&refs, view, namespace);
             fixer.deployment(&effective.deployment, object, &outpost, secrets.as_deref());
             // The fix is made all the same: a Secret created or a Role fixed later makes it
             // right. The warning says so on the write that needs it, where kubectl shows it.
-            for problem in secret_problems(view, namespace, &effective.deployment.secret_refs()) {
+            for problem in secret_problems(view, namespace, &refs) {
                 fixer.note(&problem);
             }
         }
@@ -259,12 +260,15 @@ pub fn mutate_in(
 /// it goes into [`SECRET_CHECKSUM`]. `None` when the policy reads no Secret or the view is off.
 #[must_use]
 pub fn secret_checksum(fix: &DeploymentFix, view: &dyn View, namespace: &str) -> Option<String> {
-    let refs = fix.secret_refs();
+    checksum_of(&fix.secret_refs(), view, namespace)
+}
+
+fn checksum_of(refs: &BTreeSet<SecretRef>, view: &dyn View, namespace: &str) -> Option<String> {
     if refs.is_empty() {
         return None;
     }
     let mut hash = Sha256::new();
-    for r in &refs {
+    for r in refs {
         let data = view.secret(namespace, &r.name)?;
         hash.update(r.name.as_bytes());
         hash.update([0]);
