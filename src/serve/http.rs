@@ -321,7 +321,7 @@ async fn read_body(
                 continue;
             }
             if let Some(first) = one.take() {
-                bytes.reserve_exact(declared.unwrap_or(0).clamp(first.len(), cap));
+                bytes.reserve_exact(declared.unwrap_or(0).max(first.len()).min(cap));
                 bytes.extend_from_slice(&first);
             }
             // Grow at most to the reservation, never to twice a large body.
