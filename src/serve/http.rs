@@ -316,7 +316,7 @@ async fn read_body(
                     message,
                 ));
             }
-            if read == 0 && one.is_none() {
+            if one.is_none() && bytes.is_empty() {
                 one = Some(data);
                 continue;
             }
