@@ -511,7 +511,7 @@ async fn dry_runs(client: &Client, inputs: &mut Inputs) -> Result<(), InspectErr
                 .iter()
                 .map(|d| (ObjectKind::Deployment, d)),
         )
-        .filter(|(_, o)| identify_outpost(o).is_some())
+        .filter(|(_, o)| identify_outpost(*o).is_some())
         .map(|(kind, o)| {
             let text = |p: &str| o.pointer(p).and_then(Value::as_str).map(str::to_owned);
             (

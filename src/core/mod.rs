@@ -16,6 +16,7 @@ pub mod policy;
 pub mod quantity;
 pub mod reconcile;
 pub mod selftls;
+pub mod tree;
 
 /// Folds a parser's multi-line message onto one line, for logs, `kubectl` and `file:line:` errors.
 #[must_use]

@@ -18,6 +18,8 @@ use json_patch::{
 use kube::core::admission::Operation;
 use serde_json::{Map, Value};
 
+use super::tree::{Json, Members};
+
 use sha2::{Digest as _, Sha256};
 
 use super::{
@@ -63,8 +65,8 @@ impl ObjectKind {
 }
 
 /// The parts of an admission request the core looks at.
-#[derive(Debug, Clone, Copy)]
-pub struct Request<'a> {
+#[derive(Debug)]
+pub struct Request<'a, J = Value> {
     pub operation: &'a Operation,
     pub group: &'a str,
     pub version: &'a str,
@@ -72,7 +74,7 @@ pub struct Request<'a> {
     pub sub_resource: Option<&'a str>,
     /// The request's namespace: an object being created may not name its own.
     pub namespace: Option<&'a str>,
-    pub object: Option<&'a Value>,
+    pub object: Option<&'a J>,
 }
 
 /// What the core decided about one object.
@@ -171,7 +173,7 @@ pub const READS: Keep = Keep::Keys(&[
 /// Only CREATE and UPDATE of a whole `v1` Service or `apps/v1` Deployment are looked at;
 /// DELETE, CONNECT, subresources (`status`, `scale`) and every other kind pass untouched.
 #[must_use]
-pub fn mutate(policy: &Policy, view: &dyn View, req: &Request<'_>) -> Outcome {
+pub fn mutate<J: Json>(policy: &Policy, view: &dyn View, req: &Request<'_, J>) -> Outcome {
     if !matches!(req.operation, Operation::Create | Operation::Update)
         || req.sub_resource.is_some_and(|s| !s.is_empty())
     {
@@ -195,27 +197,27 @@ pub fn mutate_object(policy: &Policy, kind: ObjectKind, object: &Value) -> Outco
     mutate_in(policy, &Off, namespace_of(object), kind, object)
 }
 
-fn namespace_of(object: &Value) -> &str {
+fn namespace_of<J: Json>(object: &J) -> &str {
     at(object, &["metadata", "namespace"])
-        .and_then(Value::as_str)
+        .and_then(J::as_str)
         .unwrap_or_default()
 }
 
 /// The member at `path` of nested objects. `Value::pointer` would parse and unescape a JSON
 /// pointer, allocating for every token, on every review.
-fn at<'v>(value: &'v Value, path: &[&str]) -> Option<&'v Value> {
-    path.iter().try_fold(value, |v, key| v.get(*key))
+fn at<'v, J: Json>(value: &'v J, path: &[&str]) -> Option<&'v J> {
+    path.iter().try_fold(value, |v, key| v.get(key))
 }
 
 /// Decides what to do with one Service or Deployment in `namespace`, given what `view` knows of
 /// the cluster.
 #[must_use]
-pub fn mutate_in(
+pub fn mutate_in<J: Json>(
     policy: &Policy,
     view: &dyn View,
     namespace: &str,
     kind: ObjectKind,
-    object: &Value,
+    object: &J,
 ) -> Outcome {
     let mut fixer = Fixer {
         ops: Vec::new(),
@@ -223,7 +225,7 @@ pub fn mutate_in(
         problems: 0,
         kind,
         name: at(object, &["metadata", "name"])
-            .and_then(Value::as_str)
+            .and_then(J::as_str)
             .unwrap_or("(unnamed)"),
     };
     let outpost = match identify(object) {
@@ -243,12 +245,12 @@ pub fn mutate_in(
             fixer.service(effective.selector, object, &outpost, standalone);
         }
         ObjectKind::Deployment => {
-            let refs = effective.deployment.secret_refs();
-            let secrets = checksum_of(&refs, view, namespace);
+            let refs = &effective.secret_refs;
+            let secrets = checksum_of(refs, view, namespace);
             fixer.deployment(&effective.deployment, object, &outpost, secrets.as_deref());
             // The fix is made all the same: a Secret created or a Role fixed later makes it
             // right. The warning says so on the write that needs it, where kubectl shows it.
-            for problem in secret_problems(view, namespace, &refs) {
+            for problem in secret_problems(view, namespace, refs) {
                 fixer.note(&problem);
             }
         }
@@ -306,7 +308,7 @@ enum Identity<'a> {
 
 /// The outpost an object belongs to, when it carries all of authentik's outpost labels.
 #[must_use]
-pub fn identify_outpost(object: &Value) -> Option<Outpost<'_>> {
+pub fn identify_outpost<J: Json>(object: &J) -> Option<Outpost<'_>> {
     match identify(object) {
         Identity::Outpost(o) => Some(o),
         _ => None,
@@ -314,12 +316,12 @@ pub fn identify_outpost(object: &Value) -> Option<Outpost<'_>> {
 }
 
 /// An outpost object carries authentik's managed-by label and all three outpost labels.
-fn identify(object: &Value) -> Identity<'_> {
-    let labels = at(object, &["metadata", "labels"]).and_then(Value::as_object);
+fn identify<J: Json>(object: &J) -> Identity<'_> {
+    let labels = at(object, &["metadata", "labels"]).and_then(J::as_object);
     let label = |key: &str| {
         labels
             .and_then(|l| l.get(key))
-            .and_then(Value::as_str)
+            .and_then(J::as_str)
             .filter(|v| !v.is_empty())
     };
     if label(MANAGED_BY) != Some(MANAGED_BY_AUTHENTIK) {
@@ -340,10 +342,10 @@ fn identify(object: &Value) -> Identity<'_> {
 /// The index of the outpost container: the one named after the outpost type (sidecars may come
 /// first), else the first.
 #[must_use]
-pub fn outpost_container(containers: &[Value], kind: &str) -> usize {
+pub fn outpost_container<J: Json>(containers: &[J], kind: &str) -> usize {
     containers
         .iter()
-        .position(|c| c.get("name").and_then(Value::as_str) == Some(kind))
+        .position(|c| c.get("name").and_then(J::as_str) == Some(kind))
         .unwrap_or(0)
 }
 
@@ -412,7 +414,7 @@ impl Fixer<'_> {
     }
 
     /// Sets `parent[key]`: `replace` when the member exists (even as null), `add` when it does not.
-    fn set(&mut self, parent: &Map<String, Value>, at: &PointerBuf, key: &str, value: Value) {
+    fn set(&mut self, parent: &impl Members, at: &PointerBuf, key: &str, value: Value) {
         let path = at.with_trailing_token(key);
         self.ops.push(if parent.contains_key(key) {
             PatchOperation::Replace(ReplaceOperation { path, value })
@@ -422,13 +424,7 @@ impl Fixer<'_> {
     }
 
     /// Sets `parent[key]` unless what is there already contains `desired`.
-    fn set_covering(
-        &mut self,
-        parent: &Map<String, Value>,
-        at: &PointerBuf,
-        key: &str,
-        desired: &Value,
-    ) {
+    fn set_covering(&mut self, parent: &impl Members, at: &PointerBuf, key: &str, desired: &Value) {
         if !parent
             .get(key)
             .is_some_and(|actual| covers(actual, desired, Quantity::No))
@@ -437,35 +433,35 @@ impl Fixer<'_> {
         }
     }
 
-    fn service(
+    fn service<J: Json>(
         &mut self,
         mode: SelectorMode,
-        object: &Value,
+        object: &J,
         outpost: &Outpost<'_>,
         standalone: impl FnOnce() -> Option<bool>,
     ) {
         if mode == SelectorMode::Keep {
             return;
         }
-        let Some(spec) = object.get("spec").and_then(Value::as_object) else {
+        let Some(spec) = object.get("spec").and_then(J::as_object) else {
             self.warn("has no spec; cannot set the selector");
             return;
         };
         // An ExternalName Service has no selector and no endpoints to fix.
-        if spec.get("type").and_then(Value::as_str) == Some("ExternalName") {
+        if spec.get("type").and_then(J::as_str) == Some("ExternalName") {
             return;
         }
-        let selector = spec.get("selector").and_then(Value::as_object);
+        let selector = spec.get("selector").and_then(J::as_object);
         let desired = pod_selector(outpost);
         // The controller's selector for an embedded outpost names the server pods; after one of
         // its strategic-merge PATCHes over a corrected selector, the union of both keeps it.
         let embedded = selector.is_some_and(|s| {
             EMBEDDED_SELECTOR
                 .iter()
-                .all(|(k, v)| s.get(*k).and_then(Value::as_str) == Some(*v))
+                .all(|(k, v)| s.get(k).and_then(J::as_str) == Some(*v))
         });
         let recorded = at(object, &["metadata", "annotations", ORIGINAL_SELECTOR])
-            .and_then(Value::as_str)
+            .and_then(J::as_str)
             .and_then(|text| serde_json::from_str::<Map<String, Value>>(text).ok());
         let rewrite = match mode {
             SelectorMode::Keep => false,
@@ -476,8 +472,9 @@ impl Fixer<'_> {
                 Some(false) => {
                     // The standalone Deployment is gone: put back what was rewritten. Only the
                     // outpost's labels or the union are replaced, never a selector someone chose.
-                    if let Some(original) = recorded.filter(|r| Some(r) != selector)
-                        && (embedded || selector.is_none_or(|s| *s == desired))
+                    if let Some(original) =
+                        recorded.filter(|r| !selector.is_some_and(|s| s.eq_map(r)))
+                        && (embedded || selector.is_none_or(|s| s.eq_map(&desired)))
                     {
                         self.set(spec, &ptr(&["spec"]), "selector", Value::Object(original));
                     } else if embedded {
@@ -499,7 +496,7 @@ impl Fixer<'_> {
                 }
             },
         };
-        if !rewrite || selector == Some(&desired) {
+        if !rewrite || selector.is_some_and(|s| s.eq_map(&desired)) {
             return;
         }
         // Replaced whole: a selector with `app.kubernetes.io/name: authentik` in it matches no
@@ -513,61 +510,55 @@ impl Fixer<'_> {
 
     /// Records what the controller wrote, less the outpost's own labels that a union adds, so
     /// that the selector can be restored exactly when the standalone Deployment goes away.
-    fn record_selector(&mut self, object: &Value, selector: Option<&Map<String, Value>>) {
+    fn record_selector<J: Json>(&mut self, object: &J, selector: Option<&J::Obj>) {
+        // Collected in the order written, so a key written twice keeps its last value.
         let original: Map<String, Value> = selector
             .into_iter()
-            .flatten()
-            .filter(|(k, _)| {
-                !matches!(
-                    k.as_str(),
-                    MANAGED_BY | OUTPOST_NAME | OUTPOST_TYPE | OUTPOST_UUID
-                )
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .flat_map(Members::entries)
+            .filter(|(k, _)| !matches!(*k, MANAGED_BY | OUTPOST_NAME | OUTPOST_TYPE | OUTPOST_UUID))
+            .map(|(k, v)| (k.to_owned(), v.to_value()))
             .collect();
         let text = Value::Object(original).to_string();
-        let Some(metadata) = object.get("metadata").and_then(Value::as_object) else {
+        let Some(metadata) = object.get("metadata").and_then(J::as_object) else {
             return;
         };
         let entries = BTreeMap::from([(ORIGINAL_SELECTOR, text.as_str())]);
         self.set_entries(metadata, &ptr(&["metadata"]), "annotations", &entries);
     }
 
-    fn deployment(
+    fn deployment<J: Json>(
         &mut self,
         fix: &DeploymentFix,
-        object: &Value,
+        object: &J,
         outpost: &Outpost<'_>,
         secrets: Option<&str>,
     ) {
         if fix.is_empty() {
             return;
         }
-        let Some(spec) = object.get("spec").and_then(Value::as_object) else {
+        let Some(spec) = object.get("spec").and_then(J::as_object) else {
             self.warn("has no spec");
             return;
         };
-        let template = spec.get("template").and_then(Value::as_object);
-        let pod = template
-            .and_then(|t| t.get("spec"))
-            .and_then(Value::as_object);
+        let template = spec.get("template").and_then(J::as_object);
+        let pod = template.and_then(|t| t.get("spec")).and_then(J::as_object);
         let containers = pod
             .and_then(|p| p.get("containers"))
-            .and_then(Value::as_array)
+            .and_then(J::as_array)
             .filter(|c| !c.is_empty());
         let (Some(template), Some(pod), Some(containers)) = (template, pod, containers) else {
             self.warn("has no containers in spec.template.spec");
             return;
         };
         let index = outpost_container(containers, outpost.kind);
-        let Some(container) = containers.get(index).and_then(Value::as_object) else {
+        let Some(container) = containers.get(index).and_then(J::as_object) else {
             self.warn("its outpost container is not an object");
             return;
         };
 
         let spec_at = ptr(&["spec"]);
         if let Some(replicas) = fix.replicas
-            && spec.get("replicas").and_then(Value::as_i64) != Some(i64::from(replicas))
+            && spec.get("replicas").and_then(J::as_i64) != Some(i64::from(replicas))
         {
             self.set(spec, &spec_at, "replicas", replicas.into());
         }
@@ -599,21 +590,21 @@ impl Fixer<'_> {
         }
     }
 
-    fn pod_metadata(
+    fn pod_metadata<O: Members>(
         &mut self,
         fix: &DeploymentFix,
-        spec: &Map<String, Value>,
-        template: &Map<String, Value>,
+        spec: &O,
+        template: &O,
         secrets: Option<&str>,
     ) {
         let selector = spec
             .get("selector")
             .and_then(|s| s.get("matchLabels"))
-            .and_then(Value::as_object);
+            .and_then(O::Item::as_object);
         let mut labels = BTreeMap::new();
         for (key, value) in &fix.pod_labels {
             // A template label that contradicts the immutable selector makes the Deployment invalid.
-            match selector.and_then(|s| s.get(key)).and_then(Value::as_str) {
+            match selector.and_then(|s| s.get(key)).and_then(O::Item::as_str) {
                 Some(selected) if selected != value => self.warn(&format!(
                     "pod label {key} left as {selected}: spec.selector requires it"
                 )),
@@ -642,31 +633,30 @@ impl Fixer<'_> {
         }
 
         let template_at = ptr(&["spec", "template"]);
-        match template.get("metadata") {
-            Some(Value::Object(meta)) => {
-                let meta_at = template_at.with_trailing_token("metadata");
-                self.set_entries(meta, &meta_at, "labels", &labels);
-                self.set_entries(meta, &meta_at, "annotations", &annotations);
-            }
-            Some(Value::Null) | None => {
-                let mut meta = Map::new();
-                for (key, entries) in [("labels", &labels), ("annotations", &annotations)] {
-                    if !entries.is_empty() {
-                        meta.insert(key.into(), string_map(entries));
-                    }
-                }
-                if !meta.is_empty() {
-                    self.set(template, &template_at, "metadata", Value::Object(meta));
+        let meta = template.get("metadata");
+        if let Some(meta) = meta.and_then(O::Item::as_object) {
+            let meta_at = template_at.with_trailing_token("metadata");
+            self.set_entries(meta, &meta_at, "labels", &labels);
+            self.set_entries(meta, &meta_at, "annotations", &annotations);
+        } else if meta.is_none_or(O::Item::is_null) {
+            let mut meta = Map::new();
+            for (key, entries) in [("labels", &labels), ("annotations", &annotations)] {
+                if !entries.is_empty() {
+                    meta.insert(key.into(), string_map(entries));
                 }
             }
-            Some(_) => self.warn("spec.template.metadata is not an object"),
+            if !meta.is_empty() {
+                self.set(template, &template_at, "metadata", Value::Object(meta));
+            }
+        } else {
+            self.warn("spec.template.metadata is not an object");
         }
     }
 
     /// Sets string entries of the map `parent[key]`, creating the map when it is absent.
-    fn set_entries(
+    fn set_entries<O: Members>(
         &mut self,
-        parent: &Map<String, Value>,
+        parent: &O,
         at: &PointerBuf,
         key: &str,
         entries: &BTreeMap<&str, &str>,
@@ -674,17 +664,18 @@ impl Fixer<'_> {
         if entries.is_empty() {
             return;
         }
-        match parent.get(key) {
-            Some(Value::Object(map)) => {
-                let map_at = at.with_trailing_token(key);
-                for (k, v) in entries {
-                    if map.get(*k).and_then(Value::as_str) != Some(*v) {
-                        self.set(map, &map_at, k, (*v).into());
-                    }
+        let value = parent.get(key);
+        if let Some(map) = value.and_then(O::Item::as_object) {
+            let map_at = at.with_trailing_token(key);
+            for (k, v) in entries {
+                if map.get(k).and_then(O::Item::as_str) != Some(*v) {
+                    self.set(map, &map_at, k, (*v).into());
                 }
             }
-            Some(Value::Null) | None => self.set(parent, at, key, string_map(entries)),
-            Some(_) => self.warn(&format!("{key} is not a map")),
+        } else if value.is_none_or(O::Item::is_null) {
+            self.set(parent, at, key, string_map(entries));
+        } else {
+            self.warn(&format!("{key} is not a map"));
         }
     }
 
@@ -693,9 +684,9 @@ impl Fixer<'_> {
     /// Linear in the list's length: one index is built, then each policy entry is looked up.
     /// Entries already right are left; wrong ones are replaced in place (every duplicate of the
     /// name, since the container runtime takes the last); missing ones are appended.
-    fn upsert(
+    fn upsert<O: Members>(
         &mut self,
-        parent: &Map<String, Value>,
+        parent: &O,
         at: &PointerBuf,
         field: &str,
         key_field: &str,
@@ -704,17 +695,15 @@ impl Fixer<'_> {
         if desired.is_empty() {
             return;
         }
-        let items = match parent.get(field) {
-            Some(Value::Array(items)) => items,
-            Some(Value::Null) | None => {
+        let value = parent.get(field);
+        let Some(items) = value.and_then(O::Item::as_array) else {
+            if value.is_none_or(O::Item::is_null) {
                 let all = desired.iter().map(|k| k.value.clone()).collect();
                 self.set(parent, at, field, Value::Array(all));
-                return;
-            }
-            Some(_) => {
+            } else {
                 self.warn(&format!("{field} is not a list"));
-                return;
             }
+            return;
         };
         // A short list (an outpost container's env, its mounts) is searched in place: hashing
         // every name and a list per name cost more than the comparisons. A long one is indexed
@@ -734,7 +723,7 @@ impl Fixer<'_> {
         let mut missing = Vec::new();
         for want in desired {
             let mut found = false;
-            let mut check = |i: usize, have: &Value| {
+            let mut check = |i: usize, have: &O::Item| {
                 found = true;
                 if !covers(have, &want.value, Quantity::No) {
                     self.ops.push(PatchOperation::Replace(ReplaceOperation {
@@ -771,8 +760,8 @@ impl Fixer<'_> {
 }
 
 /// The string `item[field]`, the key a list entry is upserted by.
-fn key_of<'v>(item: &'v Value, field: &str) -> Option<&'v str> {
-    item.get(field).and_then(Value::as_str)
+fn key_of<'v, J: Json>(item: &'v J, field: &str) -> Option<&'v str> {
+    item.get(field).and_then(J::as_str)
 }
 
 /// Lists this long or shorter are searched in place by [`Fixer::upsert`]; longer ones indexed.

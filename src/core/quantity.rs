@@ -6,6 +6,8 @@
 
 use serde_json::Value;
 
+use super::tree::{Json, Members as _};
+
 /// Where a string is a Kubernetes quantity, which the apiserver stores in canonical form.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Quantity {
@@ -19,32 +21,41 @@ pub(crate) enum Quantity {
 /// True when every field of `desired` is in `actual` with an equal value. Fields only `actual`
 /// has (apiserver defaults) are allowed; lists must match entry by entry.
 #[must_use]
-pub(crate) fn covers(actual: &Value, desired: &Value, q: Quantity) -> bool {
-    match (desired, actual) {
-        (Value::Object(want), Value::Object(have)) => want.iter().all(|(key, w)| {
-            let child = match key.as_str() {
-                "limits" | "requests" => Quantity::Values,
-                "sizeLimit" | "divisor" => Quantity::Yes,
-                _ if q == Quantity::Values => Quantity::Yes,
-                _ => Quantity::No,
-            };
-            match have.get(key) {
-                Some(h) => covers(h, w, child),
-                None => w.is_null(),
+pub(crate) fn covers<J: Json>(actual: &J, desired: &Value, q: Quantity) -> bool {
+    match desired {
+        Value::Object(want) => {
+            if let Some(have) = actual.as_object() {
+                return want.iter().all(|(key, w)| {
+                    let child = match key.as_str() {
+                        "limits" | "requests" => Quantity::Values,
+                        "sizeLimit" | "divisor" => Quantity::Yes,
+                        _ if q == Quantity::Values => Quantity::Yes,
+                        _ => Quantity::No,
+                    };
+                    match have.get(key) {
+                        Some(h) => covers(h, w, child),
+                        None => w.is_null(),
+                    }
+                });
             }
-        }),
-        (Value::Array(want), Value::Array(have)) => {
-            want.len() == have.len()
-                && want
-                    .iter()
-                    .zip(have)
-                    .all(|(w, h)| covers(h, w, Quantity::No))
         }
-        (Value::String(w), Value::String(h)) if q == Quantity::Yes => {
-            w == h || quantities_equal(w, h)
+        Value::Array(want) => {
+            if let Some(have) = actual.as_array() {
+                return want.len() == have.len()
+                    && want
+                        .iter()
+                        .zip(have)
+                        .all(|(w, h)| covers(h, w, Quantity::No));
+            }
         }
-        _ => desired == actual,
+        Value::String(w) if q == Quantity::Yes => {
+            if let Some(h) = actual.as_str() {
+                return w == h || quantities_equal(w, h);
+            }
+        }
+        _ => {}
     }
+    actual.eq_value(desired)
 }
 
 /// A quantity as `mantissa * 10^ten * 2^two`, exactly.

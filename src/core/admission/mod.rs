@@ -12,12 +12,12 @@ pub mod prune;
 use base64::Engine as _;
 use kube::core::{GroupVersionKind, admission::Operation};
 use serde::Deserialize;
-use serde_json::Value;
 
 use crate::core::{
     cluster::{Off, View},
     mutate::{self, Outcome},
     policy::Policy,
+    tree::Node,
 };
 
 /// The admission path, as registered in the MutatingWebhookConfiguration.
@@ -51,20 +51,20 @@ pub enum ReviewError {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Review {
+#[serde(rename_all = "camelCase", bound(deserialize = "'de: 'a"))]
+struct Review<'a> {
     #[serde(default)]
     api_version: Option<String>,
     #[serde(default)]
     kind: Option<String>,
     #[serde(default)]
-    request: Option<Request>,
+    request: Option<Request<'a>>,
 }
 
-/// The part of `AdmissionReview.request` the webhook reads.
+/// The part of `AdmissionReview.request` the webhook reads, borrowing from the body.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Request {
+#[serde(rename_all = "camelCase", bound(deserialize = "'de: 'a"))]
+pub struct Request<'a> {
     pub uid: String,
     pub kind: GroupVersionKind,
     #[serde(default)]
@@ -77,7 +77,7 @@ pub struct Request {
     /// The object, pruned to what the rules read: patches apply to the whole object the
     /// apiserver holds, but are computed from this.
     #[serde(default, deserialize_with = "prune::object")]
-    pub object: Option<Value>,
+    pub object: Option<Node<'a>>,
     #[serde(default)]
     pub dry_run: bool,
     /// The object held more values in the fields the rules read than are built
@@ -113,10 +113,10 @@ struct EnvelopeRequest {
     dry_run: bool,
 }
 
-impl Request {
+impl Request<'_> {
     /// The view of this request the pure core takes.
     #[must_use]
-    pub fn as_core(&self) -> mutate::Request<'_> {
+    pub fn as_core(&self) -> mutate::Request<'_, Node<'_>> {
         mutate::Request {
             operation: &self.operation,
             group: &self.kind.group,
@@ -144,7 +144,7 @@ impl Request {
 ///
 /// # Errors
 /// When the body is not JSON, not an AdmissionReview, not v1, or has no request.
-pub fn parse(body: &[u8]) -> Result<Request, ReviewError> {
+pub fn parse(body: &[u8]) -> Result<Request<'_>, ReviewError> {
     // JSON is UTF-8 (RFC 8259). serde_json checks only the strings it keeps, so check it all.
     let text =
         std::str::from_utf8(body).map_err(|e| ReviewError::NotJson(format!("not UTF-8: {e}")))?;
@@ -199,7 +199,7 @@ pub fn parse(body: &[u8]) -> Result<Request, ReviewError> {
 /// Runs the core on a request, given what `view` knows of the cluster. A dry-run request gets
 /// exactly the same answer: the webhook has no side effects (`sideEffects: None`).
 #[must_use]
-pub fn decide(policy: &Policy, view: &dyn View, request: &Request) -> Outcome {
+pub fn decide(policy: &Policy, view: &dyn View, request: &Request<'_>) -> Outcome {
     if request.too_large {
         return Outcome {
             verdict: mutate::Verdict::Unfixable,
@@ -258,7 +258,10 @@ pub fn response(uid: &str, outcome: &Outcome) -> Vec<u8> {
 ///
 /// # Errors
 /// As [`parse`].
-pub fn review(policy: &Policy, body: &[u8]) -> Result<(Request, Outcome, Vec<u8>), ReviewError> {
+pub fn review<'b>(
+    policy: &Policy,
+    body: &'b [u8],
+) -> Result<(Request<'b>, Outcome, Vec<u8>), ReviewError> {
     review_with(policy, &Off, body)
 }
 
@@ -266,11 +269,11 @@ pub fn review(policy: &Policy, body: &[u8]) -> Result<(Request, Outcome, Vec<u8>
 ///
 /// # Errors
 /// As [`parse`].
-pub fn review_with(
+pub fn review_with<'b>(
     policy: &Policy,
     view: &dyn View,
-    body: &[u8],
-) -> Result<(Request, Outcome, Vec<u8>), ReviewError> {
+    body: &'b [u8],
+) -> Result<(Request<'b>, Outcome, Vec<u8>), ReviewError> {
     let request = parse(body)?;
     let outcome = decide(policy, view, &request);
     let bytes = response(&request.uid, &outcome);
@@ -280,7 +283,8 @@ pub fn review_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::core::tree::Json as _;
+    use serde_json::{Value, json};
 
     fn body(v: &Value) -> Vec<u8> {
         serde_json::to_vec(v).unwrap()
@@ -355,7 +359,8 @@ mod tests {
     }
 
     fn containers(body: &str) -> Value {
-        parse(body.as_bytes()).unwrap().object.unwrap()["spec"]["template"]["spec"]["containers"]
+        parse(body.as_bytes()).unwrap().object.unwrap().to_value()["spec"]["template"]["spec"]
+            ["containers"]
             .clone()
     }
 
@@ -416,13 +421,16 @@ mod tests {
             body(&r)
         };
         // An outpost container with 100 env entries is read whole.
-        let request = parse(&with_env(100)).unwrap();
-        let kept = &request.object.unwrap()["spec"]["template"]["spec"]["containers"][0]["env"];
+        let small = with_env(100);
+        let request = parse(&small).unwrap();
+        let kept =
+            &request.object.unwrap().to_value()["spec"]["template"]["spec"]["containers"][0]["env"];
         assert_eq!(kept.as_array().unwrap().len(), 100);
         // 100,000 entries (a 4 MB array) are not built: the review is answered, allowed and
         // unpatched, with a warning, so the write goes through.
         let policy = Policy::builtin().unwrap();
-        let (request, outcome, answer) = review(&policy, &with_env(100_000)).unwrap();
+        let large = with_env(100_000);
+        let (request, outcome, answer) = review(&policy, &large).unwrap();
         assert!(request.too_large && request.object.is_none());
         assert_eq!(request.uid, service_review()["request"]["uid"]);
         assert_eq!(outcome.verdict, mutate::Verdict::Unfixable);
@@ -453,6 +461,35 @@ mod tests {
         let mut r = serde_json::from_slice::<Value>(&with_env(100_000)).unwrap();
         r["request"]["operation"] = json!("EXPLODE");
         assert!(matches!(parse(&body(&r)), Err(ReviewError::Shape(_))));
+    }
+
+    #[test]
+    fn repeated_keys_and_escapes_in_what_is_kept_are_read_as_serde_json_reads_them() {
+        // Not what the apiserver writes, but what a body may hold: a label written twice (the
+        // last counts), escapes in keys and values (the only strings copied), an env entry
+        // written twice in one object.
+        let body = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u","kind":{"group":"apps","version":"v1","kind":"Deployment"},"operation":"CREATE","object":{"metadata":{"name":"d","labels":{"app.kubernetes.io/managed-by":"goauthentik.io","goauthentik.io/outpost-name":"first","goauthentik.io/outpost-name":"o\u0031","goauthentik.io/outpost-type":"pro\u0078y","goauthentik.io/outpost-uuid":"0eecac0797c7443c892505f2f4fe3e47","goauthentik.io\/extra":"a\"b"}},"spec":{"replicas":1,"template":{"metadata":{"labels":{"app.kubernetes.io/component":"wrong","app.kubernetes.io/component":"server"}},"spec":{"containers":[{"name":"proxy","env":[{"name":"AUTHENTIK_POSTGRESQL__HOST","value":"a","value":"b"}]}]}}}}}}"#;
+        let whole: Value = serde_json::from_str(body).unwrap();
+        let object = &whole["request"]["object"];
+        assert_eq!(
+            object["metadata"]["labels"]["goauthentik.io/outpost-name"],
+            "o1"
+        );
+        let p = Policy::builtin().unwrap();
+        let request = parse(body.as_bytes()).unwrap();
+        assert_eq!(
+            request.object.as_ref().unwrap().to_value()["metadata"],
+            object["metadata"]
+        );
+        let via_node = decide(&p, &Off, &request);
+        assert_eq!(
+            via_node,
+            mutate::mutate_object(&p, mutate::ObjectKind::Deployment, object)
+        );
+        assert_eq!(via_node.verdict, mutate::Verdict::Patched);
+        // The label's last value is the right one: nothing to patch there.
+        let ops = serde_json::to_string(&via_node.ops).unwrap();
+        assert!(!ops.contains("component"), "{ops}");
     }
 
     #[test]

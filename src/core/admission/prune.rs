@@ -1,5 +1,5 @@
 //! Reads only what the rules read: a `Deserialize` seed that builds the paths a [`Keep`] names
-//! into a [`Value`] and skips the rest without allocating.
+//! into a [`Node`] borrowed from the body and skips the rest without allocating.
 //!
 //! Pure. `managedFields`, `status`, ports and the like are skipped unbuilt, so a review costs
 //! about what the rules read, not what the object holds. What is kept is
@@ -11,11 +11,15 @@
 //! [`MAX_KEPT_VALUES`] values ever were), and the review is answered allowed, unpatched, with a
 //! warning: a 4xx would make the apiserver refuse the write under `failurePolicy: Fail`.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
-use serde_json::Value;
 
 use crate::{
-    core::mutate::{CONTAINER_READS, READS},
+    core::{
+        mutate::{CONTAINER_READS, READS},
+        tree::{Json as _, Members as _, Node, Object},
+    },
     k8s::OUTPOST_TYPE,
 };
 
@@ -39,18 +43,20 @@ pub enum Keep {
 
 /// The most JSON values (objects, arrays, scalars, each counted once) built from one object. An
 /// outpost Service or Deployment has a few hundred in the fields the rules read; each costs at
-/// most about 700 bytes beyond its strings (a one-member object is a `BTreeMap` leaf), so one
-/// parse builds at most about 1.4 MiB of nodes.
+/// most 56 bytes beyond its strings (a member: its key and its [`Node`]), and strings are
+/// borrowed from the body unless they hold escapes, so one parse builds little beyond the body.
 pub const MAX_KEPT_VALUES: usize = 2048;
 
 /// The parse error past [`MAX_KEPT_VALUES`]; `parse` reads the envelope again without the object.
 pub(super) const TOO_MANY_VALUES: &str = "the object has more than 2048 values in the fields the \
      webhook reads (labels, selectors, containers, env, volumes)";
 
-pub(super) fn object<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+pub(super) fn object<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Node<'de>>, D::Error> {
     struct Opt;
     impl<'de> serde::de::Visitor<'de> for Opt {
-        type Value = Option<Value>;
+        type Value = Option<Node<'de>>;
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("an object or null")
         }
@@ -76,13 +82,39 @@ pub(super) fn object<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Va
 }
 
 /// What pruning has learnt so far in one object, and how many values it has built.
-#[derive(Debug, Default)]
-struct Cx {
+#[derive(Default)]
+struct Cx<'de> {
     outpost_type: std::cell::RefCell<Option<String>>,
     kept: std::cell::Cell<usize>,
+    /// The members and items of the objects and arrays being read, innermost last: each is
+    /// moved into a vector of its exact size when it ends, rather than grown as it is read.
+    members: std::cell::Cell<Vec<(Cow<'de, str>, Node<'de>)>>,
+    items: std::cell::Cell<Vec<Node<'de>>>,
 }
 
-impl Cx {
+/// Pushes onto one of [`Cx`]'s stacks, or moves the top of it from `start` out. Taken out of its
+/// cell and put back: no borrow is ever held while the parser reads on.
+fn push<T>(stack: &std::cell::Cell<Vec<T>>, value: T) {
+    let mut all = stack.take();
+    all.push(value);
+    stack.set(all);
+}
+
+fn depth<T>(stack: &std::cell::Cell<Vec<T>>) -> usize {
+    let all = stack.take();
+    let len = all.len();
+    stack.set(all);
+    len
+}
+
+fn pop_from<T>(stack: &std::cell::Cell<Vec<T>>, start: usize) -> Vec<T> {
+    let mut all = stack.take();
+    let top = all.split_off(start.min(all.len()));
+    stack.set(all);
+    top
+}
+
+impl Cx<'_> {
     /// Counts one more value built; an error once past [`MAX_KEPT_VALUES`].
     fn keep<E: serde::de::Error>(&self) -> Result<(), E> {
         let kept = self.kept.get() + 1;
@@ -94,97 +126,102 @@ impl Cx {
     }
 }
 
-/// Builds a whole [`Value`], counting every value against [`MAX_KEPT_VALUES`].
+/// Builds a whole [`Node`], counting every value against [`MAX_KEPT_VALUES`].
 #[derive(Clone, Copy)]
-struct Counted<'c>(&'c Cx);
+struct Counted<'c, 'de>(&'c Cx<'de>);
 
-impl<'de> serde::de::DeserializeSeed<'de> for Counted<'_> {
-    type Value = Value;
+impl<'de> serde::de::DeserializeSeed<'de> for Counted<'_, 'de> {
+    type Value = Node<'de>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Node<'de>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for Counted<'_> {
-    type Value = Value;
+impl<'de> serde::de::Visitor<'de> for Counted<'_, 'de> {
+    type Value = Node<'de>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Node<'de>, A::Error> {
         self.0.keep()?;
-        let mut out = serde_json::Map::new();
-        while let Some(key) = map.next_key::<String>()? {
+        let start = depth(&self.0.members);
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             let value = map.next_value_seed(self)?;
-            out.insert(key, value);
+            push(&self.0.members, (key, value));
         }
-        Ok(Value::Object(out))
+        Ok(Node::Object(Object(pop_from(&self.0.members, start))))
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Node<'de>, A::Error> {
         self.0.keep()?;
-        let mut out = Vec::new();
+        let start = depth(&self.0.items);
         while let Some(v) = seq.next_element_seed(self)? {
-            out.push(v);
+            push(&self.0.items, v);
         }
-        Ok(Value::Array(out))
+        Ok(Node::Array(pop_from(&self.0.items, start)))
     }
 
-    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Node<'de>, E> {
         self.0.keep()?;
-        Ok(Value::Bool(v))
+        Ok(Node::Bool(v))
     }
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Node<'de>, E> {
         self.0.keep()?;
-        Ok(Value::from(v))
+        Ok(Node::Number(v.into()))
     }
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Node<'de>, E> {
         self.0.keep()?;
-        Ok(Value::from(v))
+        Ok(Node::Number(v.into()))
     }
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Node<'de>, E> {
         self.0.keep()?;
-        Ok(Value::from(v))
+        // As serde_json's `Value`: a float JSON cannot hold (it never parses one) is null.
+        Ok(serde_json::Number::from_f64(v).map_or(Node::Null, Node::Number))
     }
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+    fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Node<'de>, E> {
         self.0.keep()?;
-        Ok(Value::from(v))
+        Ok(Node::String(Cow::Borrowed(v)))
     }
-    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Node<'de>, E> {
         self.0.keep()?;
-        Ok(Value::String(v))
+        Ok(Node::String(Cow::Owned(v.to_owned())))
     }
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Node<'de>, E> {
         self.0.keep()?;
-        Ok(Value::Null)
+        Ok(Node::String(Cow::Owned(v)))
     }
-    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Node<'de>, E> {
         self.0.keep()?;
-        Ok(Value::Null)
+        Ok(Node::Null)
     }
-    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+    fn visit_none<E: serde::de::Error>(self) -> Result<Node<'de>, E> {
+        self.0.keep()?;
+        Ok(Node::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Node<'de>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-/// Deserializes a [`Value`], building only what `keep` asks for.
+/// Deserializes a [`Node`], building only what `keep` asks for.
 #[derive(Clone, Copy)]
-struct Pruned<'c> {
+struct Pruned<'c, 'de> {
     keep: Keep,
-    cx: &'c Cx,
+    cx: &'c Cx<'de>,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for Pruned<'_> {
-    type Value = Value;
+impl<'de> serde::de::DeserializeSeed<'de> for Pruned<'_, 'de> {
+    type Value = Node<'de>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Node<'de>, D::Error> {
         match self.keep {
             Keep::All => Counted(self.cx).deserialize(d),
             Keep::Labels => {
                 let labels = Counted(self.cx).deserialize(d)?;
-                if let Some(t) = labels.get(OUTPOST_TYPE).and_then(Value::as_str) {
+                if let Some(t) = labels.get(OUTPOST_TYPE).and_then(|t| t.as_str()) {
                     *self.cx.outpost_type.borrow_mut() = Some(t.to_owned());
                 }
                 Ok(labels)
@@ -194,34 +231,37 @@ impl<'de> serde::de::DeserializeSeed<'de> for Pruned<'_> {
     }
 }
 
-struct PrunedVisitor<'c>(Pruned<'c>);
+struct PrunedVisitor<'c, 'de>(Pruned<'c, 'de>);
 
-/// The scalar arms of a visitor that builds a [`Value`]: each scalar as `serde_json` would,
+/// The scalar arms of a visitor that builds a [`Node`]: each scalar as `serde_json` would,
 /// counted.
-macro_rules! scalars_as_values {
+macro_rules! scalars_as_nodes {
     () => {
-        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Node<'de>, E> {
             Counted(self.cx()).visit_bool(v)
         }
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Node<'de>, E> {
             Counted(self.cx()).visit_i64(v)
         }
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Node<'de>, E> {
             Counted(self.cx()).visit_u64(v)
         }
-        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Node<'de>, E> {
             Counted(self.cx()).visit_f64(v)
         }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Node<'de>, E> {
+            Counted(self.cx()).visit_borrowed_str(v)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Node<'de>, E> {
             Counted(self.cx()).visit_str(v)
         }
-        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Node<'de>, E> {
             Counted(self.cx()).visit_string(v)
         }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Node<'de>, E> {
             Counted(self.cx()).visit_unit()
         }
-        fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        fn visit_none<E: serde::de::Error>(self) -> Result<Node<'de>, E> {
             Counted(self.cx()).visit_none()
         }
     };
@@ -229,32 +269,32 @@ macro_rules! scalars_as_values {
 
 /// One container: its fields as [`CONTAINER_READS`] says, or only its name when it cannot be the
 /// outpost container.
-struct ContainerSeed<'c> {
+struct ContainerSeed<'c, 'de> {
     first: bool,
-    cx: &'c Cx,
+    cx: &'c Cx<'de>,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for ContainerSeed<'_> {
-    type Value = Value;
+impl<'de> serde::de::DeserializeSeed<'de> for ContainerSeed<'_, 'de> {
+    type Value = Node<'de>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Node<'de>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for ContainerSeed<'_> {
-    type Value = Value;
+impl<'de> serde::de::Visitor<'de> for ContainerSeed<'_, 'de> {
+    type Value = Node<'de>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a container")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Node<'de>, A::Error> {
         let Keep::Keys(keys) = CONTAINER_READS else {
             return Counted(self.cx).visit_map(map);
         };
         self.cx.keep()?;
-        let mut out = serde_json::Map::new();
+        let mut out = Vec::with_capacity(keys.len());
         let mut whole = self.first || self.cx.outpost_type.borrow().is_none();
         let mut seen_first_key = false;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
@@ -263,39 +303,40 @@ impl<'de> serde::de::Visitor<'de> for ContainerSeed<'_> {
                 whole |= key != "name";
             }
             if key == "name" {
-                let name: Value = map.next_value_seed(Counted(self.cx))?;
+                let name = map.next_value_seed(Counted(self.cx))?;
                 whole |= name.as_str() == self.cx.outpost_type.borrow().as_deref();
-                out.insert("name".into(), name);
+                out.push((key, name));
             } else if whole && keys.iter().any(|(k, _)| *k == key) {
-                out.insert(key.into_owned(), map.next_value_seed(Counted(self.cx))?);
+                let value = map.next_value_seed(Counted(self.cx))?;
+                out.push((key, value));
             } else {
                 map.next_value::<serde::de::IgnoredAny>()?;
             }
         }
-        Ok(Value::Object(out))
+        Ok(Node::Object(Object(out)))
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Node<'de>, A::Error> {
         Counted(self.cx).visit_seq(seq)
     }
 
-    scalars_as_values!();
+    scalars_as_nodes!();
 }
 
-impl<'c> ContainerSeed<'c> {
-    fn cx(&self) -> &'c Cx {
+impl<'c, 'de> ContainerSeed<'c, 'de> {
+    fn cx(&self) -> &'c Cx<'de> {
         self.cx
     }
 }
 
-impl<'c> PrunedVisitor<'c> {
-    fn cx(&self) -> &'c Cx {
+impl<'c, 'de> PrunedVisitor<'c, 'de> {
+    fn cx(&self) -> &'c Cx<'de> {
         self.0.cx
     }
 }
 
 /// A map key, borrowed from the input unless it had escapes.
-struct Key<'de>(std::borrow::Cow<'de, str>);
+struct Key<'de>(Cow<'de, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -306,37 +347,37 @@ impl<'de> Deserialize<'de> for Key<'de> {
                 f.write_str("a string key")
             }
             fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(std::borrow::Cow::Borrowed(v)))
+                Ok(Key(Cow::Borrowed(v)))
             }
             fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key(std::borrow::Cow::Owned(v.to_owned())))
+                Ok(Key(Cow::Owned(v.to_owned())))
             }
             fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
-                Ok(Key(std::borrow::Cow::Owned(v)))
+                Ok(Key(Cow::Owned(v)))
             }
         }
         d.deserialize_str(V)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for PrunedVisitor<'_> {
-    type Value = Value;
+impl<'de> serde::de::Visitor<'de> for PrunedVisitor<'_, 'de> {
+    type Value = Node<'de>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Node<'de>, A::Error> {
         let Keep::Keys(keys) = self.0.keep else {
             return Counted(self.0.cx).visit_map(map);
         };
         self.0.cx.keep()?;
-        let mut out = serde_json::Map::new();
+        let mut out = Object(Vec::with_capacity(keys.len()));
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             match keys.iter().find(|(k, _)| *k == key) {
                 // A second copy of a member the rules read could disagree with the first about
                 // which outpost this is; the apiserver never writes one, so refuse it.
-                Some(_) if out.contains_key(key.as_ref()) => {
+                Some(_) if out.contains_key(&key) => {
                     return Err(serde::de::Error::custom(format_args!(
                         "duplicate key `{key}` in the object"
                     )));
@@ -346,43 +387,42 @@ impl<'de> serde::de::Visitor<'de> for PrunedVisitor<'_> {
                         keep: *keep,
                         cx: self.0.cx,
                     })?;
-                    out.insert(key.into_owned(), value);
+                    out.0.push((key, value));
                 }
                 None => {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
             }
         }
-        Ok(Value::Object(out))
+        Ok(Node::Object(out))
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Node<'de>, A::Error> {
         let cx = self.0.cx;
         if !matches!(self.0.keep, Keep::Each(_) | Keep::Containers) {
             return Counted(cx).visit_seq(seq);
         }
         cx.keep()?;
-        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        let start = depth(&cx.items);
         match self.0.keep {
             Keep::Each(keep) => {
                 while let Some(v) = seq.next_element_seed(Pruned { keep: *keep, cx })? {
-                    out.push(v);
+                    push(&cx.items, v);
                 }
             }
             Keep::Containers => {
-                while let Some(v) = seq.next_element_seed(ContainerSeed {
-                    first: out.is_empty(),
-                    cx,
-                })? {
-                    out.push(v);
+                let mut first = true;
+                while let Some(v) = seq.next_element_seed(ContainerSeed { first, cx })? {
+                    first = false;
+                    push(&cx.items, v);
                 }
             }
             _ => {}
         }
-        Ok(Value::Array(out))
+        Ok(Node::Array(pop_from(&cx.items, start)))
     }
 
     // Anything that is not the object or array `Keep` expected is kept as it is, so the core
     // sees what it would have seen in the whole document.
-    scalars_as_values!();
+    scalars_as_nodes!();
 }

@@ -229,7 +229,7 @@ fn injected_env(
         .iter()
         // As admission compares: the stored entry may carry what the apiserver defaults
         // (`fieldRef.apiVersion`, say) beside what the policy says.
-        .filter(|k| env_named(&k.key).is_some_and(|e| !covers(e, &k.value, Quantity::No)))
+        .filter(|k| env_named(&k.key).is_some_and(|e| !covers(*e, &k.value, Quantity::No)))
         .map(|k| k.key.as_str())
         .collect();
     if missing.is_empty() && different.is_empty() {

@@ -225,10 +225,10 @@ pub fn check(policy: &Policy, inputs: &Inputs) -> Vec<Finding> {
             continue;
         }
         let services: Vec<&Value> = in_namespace(&inputs.services, namespace)
-            .filter(|s| identify_outpost(s).is_some())
+            .filter(|s| identify_outpost(*s).is_some())
             .collect();
         let deployments: Vec<&Value> = in_namespace(&inputs.deployments, namespace)
-            .filter(|d| identify_outpost(d).is_some())
+            .filter(|d| identify_outpost(*d).is_some())
             .collect();
         if services.is_empty() && deployments.is_empty() {
             out.push(Finding {

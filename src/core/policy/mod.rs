@@ -158,6 +158,8 @@ impl DeploymentFix {
 pub struct Effective {
     pub selector: SelectorMode,
     pub deployment: DeploymentFix,
+    /// `deployment.secret_refs()`, worked out once with the merge rather than on every review.
+    pub secret_refs: BTreeSet<SecretRef>,
 }
 
 /// A validated policy.
@@ -337,6 +339,7 @@ fn merge<'a>(rules: impl Iterator<Item = &'a Rule>) -> Effective {
         let value = checksum::of(&out.deployment);
         out.deployment.checksum = Some(Checksum { annotation, value });
     }
+    out.secret_refs = out.deployment.secret_refs();
     out
 }
 
