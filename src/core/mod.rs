@@ -3,7 +3,8 @@
 //! No I/O, no clock, no randomness; nothing here imports `serve` or `cmd`. [`admission`] reads and
 //! writes the `AdmissionReview` envelope, [`mutate`] decides, [`cluster`] is what it may know of the
 //! cluster, [`lease`] decides leader election, [`doctor`] checks a cluster's snapshot, [`policy`] says what to fix,
-//! [`quantity`] compares values as the apiserver stores them, and [`laws`] checks the laws every
+//! [`quantity`] compares values as the apiserver stores them, [`tree`] is what the rules read an
+//! object through, and [`laws`] checks the laws every
 //! answer obeys (used by the golden, property and fuzz tests).
 
 pub mod admission;
