@@ -511,13 +511,13 @@ impl Fixer<'_> {
     /// Records what the controller wrote, less the outpost's own labels that a union adds, so
     /// that the selector can be restored exactly when the standalone Deployment goes away.
     fn record_selector<J: Json>(&mut self, object: &J, selector: Option<&J::Obj>) {
-        // Collected in the order written, so a key written twice keeps its last value.
-        let original: Map<String, Value> = selector
-            .into_iter()
-            .flat_map(Members::entries)
-            .filter(|(k, _)| !matches!(*k, MANAGED_BY | OUTPOST_NAME | OUTPOST_TYPE | OUTPOST_UUID))
-            .map(|(k, v)| (k.to_owned(), v.to_value()))
-            .collect();
+        // Inserted in the order written, so a key written twice keeps its last value.
+        let mut original = Map::new();
+        for (k, v) in selector.into_iter().flat_map(Members::entries) {
+            if !matches!(k, MANAGED_BY | OUTPOST_NAME | OUTPOST_TYPE | OUTPOST_UUID) {
+                original.insert(k.to_owned(), v.to_value());
+            }
+        }
         let text = Value::Object(original).to_string();
         let Some(metadata) = object.get("metadata").and_then(J::as_object) else {
             return;

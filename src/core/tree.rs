@@ -245,9 +245,15 @@ mod tests {
         let node = object(&members);
         let want: Map<String, Value> = (0..20).map(|i| (format!("k{i}"), json!("v"))).collect();
         assert!(node.eq_value(&Value::Object(want.clone())));
-        let mut fewer = want;
+        let mut fewer = want.clone();
         fewer.remove("k3");
         assert!(!node.eq_value(&Value::Object(fewer)));
+        // The last of a repeated key counts, in a long object too.
+        let mut members = members;
+        members.push(("k3", s("w")));
+        let mut changed = want;
+        changed.insert("k3".into(), json!("w"));
+        assert!(object(&members).eq_value(&Value::Object(changed)));
     }
 
     #[test]

@@ -404,8 +404,19 @@ mod tests {
             "{e}"
         );
         // Members it does not read may repeat, as serde_json allows.
-        let body = body.replace(r#""metadata":{"name":"b"}"#, r#""status":{},"status":{}"#);
-        assert!(parse(body.as_bytes()).is_ok());
+        let ok = body.replace(r#""metadata":{"name":"b"}"#, r#""status":{},"status":{}"#);
+        assert!(parse(ok.as_bytes()).is_ok());
+        // A container's name decides what of it is kept: written twice, the fields before the
+        // second would be gone where serde_json keeps them.
+        let twice = body.replace(
+            r#""metadata":{"name":"a"},"metadata":{"name":"b"}"#,
+            r#""metadata":{"labels":{"goauthentik.io/outpost-type":"proxy"}},"spec":{"template":{"spec":{"containers":[{"name":"a"},{"name":"b","env":[],"name":"proxy"}]}}}"#,
+        );
+        let e = parse(twice.as_bytes()).unwrap_err();
+        assert!(
+            matches!(&e, ReviewError::Shape(m) if m.contains("duplicate key `name` in a container")),
+            "{e}"
+        );
     }
 
     #[test]

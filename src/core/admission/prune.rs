@@ -303,6 +303,13 @@ impl<'de> serde::de::Visitor<'de> for ContainerSeed<'_, 'de> {
                 whole |= key != "name";
             }
             if key == "name" {
+                // Which container is the outpost's is told by its name, and the fields before a
+                // second name would already have been skipped; the apiserver never writes one.
+                if out.iter().any(|(k, _)| k == "name") {
+                    return Err(serde::de::Error::custom(
+                        "duplicate key `name` in a container",
+                    ));
+                }
                 let name = map.next_value_seed(Counted(self.cx))?;
                 whole |= name.as_str() == self.cx.outpost_type.borrow().as_deref();
                 out.push((key, name));
